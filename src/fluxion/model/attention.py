@@ -1,0 +1,77 @@
+"""RoPE tables, their application, and `attention()`: the only attention call site in fluxion.
+
+Every attention in the transformer goes through `attention()`. It runs plain SDPA unless a faster backend was
+installed from outside with `set_attention_backend` (that is `accel/`'s job; this module never picks one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# A backend takes q, k, v as [B, H, L, d_h] and returns [B, H, L_q, d_h], like SDPA without mask or dropout.
+AttentionBackend = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+_backend: AttentionBackend = _sdpa
+
+
+def set_attention_backend(fn: AttentionBackend | None) -> AttentionBackend:
+    """Install `fn` as the attention kernel (None restores SDPA). Returns the previous backend."""
+    global _backend
+    previous = _backend
+    _backend = _sdpa if fn is None else fn
+    return previous
+
+
+def get_attention_backend() -> AttentionBackend:
+    return _backend
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Non-causal, unmasked attention with scale 1/sqrt(d_h) (spec 2.12).
+
+    q: [B, H, L_q, d_h], k and v: [B, H, L_k, d_h] -> [B, L_q, H * d_h] (heads concatenated, head-major).
+    """
+    out = _backend(q, k, v)
+    return out.transpose(1, 2).flatten(2)
+
+
+def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[Tensor, Tensor]:
+    """RoPE tables for 4-axis position ids (spec 2.11).
+
+    ids: [B, N, n_axes] integer positions (T, H, W, L). Returns (cos, sin), each [B, 1, N, d_h / 2] in fp32:
+    entry i of axis a's 16-frequency block is angle pos_a * theta^(-2i / axis_width). The head dims are split
+    into contiguous per-axis chunks, and inside a chunk the pairs (2i, 2i+1) rotate together.
+    """
+    if ids.shape[-1] != len(axes_dim):
+        raise ValueError(f"position ids have {ids.shape[-1]} axes, the model expects {len(axes_dim)}")
+    angles = []
+    for axis, width in enumerate(axes_dim):
+        # fp32 on purpose: the BFL reference computes omega and the angles in fp32 (spec 10).
+        exponent = torch.arange(0, width, 2, dtype=torch.float32, device=ids.device) / width
+        omega = 1.0 / (theta**exponent)  # [width / 2]
+        angles.append(ids[..., axis].to(torch.float32)[..., None] * omega)  # [B, N, width / 2]
+    angle = torch.cat(angles, dim=-1).unsqueeze(1)  # [B, 1, N, d_h / 2]
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate interleaved pairs of x [B, H, N, d_h] by the table pe, in fp32; returns x's dtype."""
+    cos, sin = pe
+    x_pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, N, d_h / 2, 2]
+    x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
+    out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def cat_pe(*tables: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Concatenate RoPE tables along the sequence axis (e.g. text first, then image)."""
+    return torch.cat([t[0] for t in tables], dim=2), torch.cat([t[1] for t in tables], dim=2)

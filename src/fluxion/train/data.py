@@ -1,0 +1,171 @@
+"""Training data: image/caption pairs and edit pairs, batched by resolution bucket.
+
+Two layouts are read:
+- a tinyset folder (what `fluxion data build` writes): images.npy uint8 [N, H, W, 3] + captions.jsonl, and
+  optionally edits.jsonl ({"refs": [i, ...], "target": j, "caption": ...}) for edit-pair training;
+- an image folder with same-named .txt captions (the kohya / ai-toolkit convention), any sizes: each image is
+  resized and centre-cropped to the nearest aspect bucket of about `pixels` pixels.
+Every sample becomes pixels in [-1, 1] as a float tensor [3, H, W].
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class Sample:
+    image: Tensor  # [3, H, W] in [-1, 1]
+    caption: str
+    refs: list[Tensor] = field(default_factory=list)  # reference images for edit pairs, each [3, h, w]
+
+
+def to_tensor(image: np.ndarray | Image.Image) -> Tensor:
+    """uint8 HWC (or a PIL image) -> float [3, H, W] in [-1, 1]."""
+    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def buckets(pixels: int, multiple: int = 16, max_aspect: float = 2.0) -> list[tuple[int, int]]:
+    """(width, height) pairs, multiples of `multiple`, with about `pixels` pixels and aspect up to max_aspect."""
+    out = set()
+    for w in range(multiple, int((pixels * max_aspect) ** 0.5) + multiple, multiple):
+        h = max(multiple, round(pixels / w / multiple) * multiple)
+        if max(w / h, h / w) <= max_aspect:
+            out.add((w, h))
+    return sorted(out)
+
+
+def fit_to_bucket(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize so the image covers `size` (w, h), then centre-crop to it."""
+    w, h = size
+    scale = max(w / image.width, h / image.height)
+    resized = image.resize(
+        (max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.LANCZOS
+    )
+    left, top = (resized.width - w) // 2, (resized.height - h) // 2
+    return resized.crop((left, top, left + w, top + h))
+
+
+class TinySet:
+    """A tinyset folder. Images are memory-mapped, so opening it costs nothing."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        for name in ("images.npy", "captions.jsonl"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder} is not a tinyset folder: {name} is missing")
+        self.folder = folder
+        self.images = np.load(folder / "images.npy", mmap_mode="r")
+        self.records = [
+            json.loads(line) for line in (folder / "captions.jsonl").read_text().splitlines() if line
+        ]
+        if len(self.records) != len(self.images):
+            raise ValueError(f"{folder}: {len(self.images)} images but {len(self.records)} captions")
+        edits = folder / "edits.jsonl"
+        self.edits = (
+            [json.loads(line) for line in edits.read_text().splitlines() if line] if edits.is_file() else []
+        )
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of every image in this folder."""
+        return int(self.images.shape[2]), int(self.images.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def sample(self, index: int) -> Sample:
+        return Sample(to_tensor(self.images[index]), self.records[index]["caption"])
+
+    def edit_sample(self, index: int) -> Sample:
+        edit = self.edits[index]
+        return Sample(
+            to_tensor(self.images[edit["target"]]),
+            edit["caption"],
+            [to_tensor(self.images[r]) for r in edit["refs"]],
+        )
+
+
+class ImageFolder:
+    """Images with same-named .txt captions; each image goes to its nearest aspect bucket."""
+
+    def __init__(self, folder: str | Path, pixels: int = 128 * 128):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder not found: {folder}")
+        self.paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.paths:
+            raise ValueError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.buckets = buckets(pixels)
+        self.captions = []
+        for p in self.paths:
+            txt = p.with_suffix(".txt")
+            self.captions.append(txt.read_text().strip() if txt.is_file() else "")
+        self.sizes = []
+        for p in self.paths:
+            with Image.open(p) as im:
+                aspect = im.width / im.height
+            self.sizes.append(min(self.buckets, key=lambda wh: abs(np.log(wh[0] / wh[1] / aspect))))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def sample(self, index: int) -> Sample:
+        with Image.open(self.paths[index]) as im:
+            image = fit_to_bucket(im.convert("RGB"), self.sizes[index])
+        return Sample(to_tensor(image), self.captions[index])
+
+
+class BatchSampler:
+    """Endless batches, each from one source and one size, so tensors stack without padding.
+
+    Sources are picked in proportion to their size; `edit_fraction` of the batches are edit pairs where a source
+    has them. The RNG is explicit so a run (and a resumed run) draws the same batches.
+    """
+
+    def __init__(self, sources: list, batch_size: int, edit_fraction: float = 0.0, seed: int = 0):
+        if not sources:
+            raise ValueError("no training data: give at least one dataset folder")
+        self.sources, self.batch_size, self.edit_fraction = sources, batch_size, edit_fraction
+        self.rng = random.Random(seed)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+
+    def next_batch(self) -> list[Sample]:
+        weights = [len(s) for s in self.sources]
+        src = self.rng.choices(self.sources, weights=weights)[0]
+        edits = getattr(src, "edits", [])
+        if edits and self.rng.random() < self.edit_fraction:
+            idx = [self.rng.randrange(len(edits)) for _ in range(self.batch_size)]
+            # One edit kind per batch keeps the number and sizes of references equal inside the batch.
+            n_refs = len(edits[idx[0]]["refs"])
+            idx = [i if len(edits[i]["refs"]) == n_refs else idx[0] for i in idx]
+            return [src.edit_sample(i) for i in idx]
+        if isinstance(src, ImageFolder):
+            size = src.sizes[self.rng.randrange(len(src))]
+            pool = [i for i, s in enumerate(src.sizes) if s == size]
+            return [src.sample(self.rng.choice(pool)) for _ in range(self.batch_size)]
+        return [src.sample(self.rng.randrange(len(src))) for _ in range(self.batch_size)]
+
+
+def open_sources(paths, pixels: int = 128 * 128) -> list:
+    out = []
+    for p in paths:
+        p = Path(p)
+        out.append(TinySet(p) if (p / "images.npy").is_file() else ImageFolder(p, pixels))
+    return out

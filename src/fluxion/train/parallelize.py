@@ -1,0 +1,38 @@
+"""The only place that knows about activation checkpointing, torch.compile and FSDP2 for training.
+
+Order (torchtitan): activation checkpointing -> per-block compile -> per-block fully_shard -> root fully_shard.
+All of it wraps a built model from outside; the model code never changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def parallelize(model: nn.Module, cfg, world_size: int) -> nn.Module:
+    blocks = [*model.double_blocks, *model.single_blocks]
+    if cfg.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        # The wrapper's state-dict hooks strip its `_checkpoint_wrapped_module.` prefix, so keys stay BFL keys.
+        for blocks_list in (model.double_blocks, model.single_blocks):
+            for i, block in enumerate(blocks_list):
+                blocks_list[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        blocks = [*model.double_blocks, *model.single_blocks]
+    if cfg.compile:
+        for block in blocks:
+            block.compile()  # in place: parameter names are unchanged
+    if cfg.fsdp and world_size > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        on_gpu = next(model.parameters()).is_cuda
+        # fp32 master weights; bf16 compute on GPU with fp32 gradient reduction. CPU (gloo) stays fp32.
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_gpu else None
+        kwargs = {"mp_policy": mp} if mp else {}
+        for block in blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+    elif world_size > 1:
+        raise ValueError("several processes need fsdp=True (plain data parallel is not offered)")
+    return model

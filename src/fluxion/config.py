@@ -106,6 +106,9 @@ class ModelSpec:
     default_guidance: float
     kv_cache: bool = False  # klein-9B-KV: references go through the KV extract/cached path (spec 7.3)
     max_references: int = 10
+    # Reference pixel caps (one reference, each of several): BFL's 2024^2 / 1024^2 (spec 7.1).
+    reference_pixels: tuple[int, int] = (2024 * 2024, 1024 * 1024)
+    default_size: tuple[int, int] = (1024, 1024)  # (width, height) when the caller gives none
     bfl_filename: str | None = None
     license: str = ""
     aliases: tuple[str, ...] = field(default=())
@@ -228,6 +231,8 @@ PRESETS["debug-tiny"] = ModelSpec(
     guidance_mode="embedded",
     default_steps=2,
     default_guidance=4.0,
+    reference_pixels=(128 * 128, 64 * 64),
+    default_size=(64, 64),
     license="Apache-2.0",
 )
 
@@ -253,6 +258,8 @@ PRESETS["fluxion-tiny"] = ModelSpec(
     default_steps=20,
     default_guidance=4.0,
     max_references=4,
+    reference_pixels=(128 * 128, 128 * 128),
+    default_size=(128, 128),
     license="Apache-2.0 (weights); training data licenses in docs/DATASET_CARD.md",
 )
 

@@ -121,6 +121,6 @@ def denoise(
     guidance: Guidance,
     after_step: StepHook | None = None,
 ) -> Tensor:
-    for _, x in denoise_steps(model, x, x_ids, cond, timesteps, guidance, after_step):
+    for _, x in denoise_steps(model, x, x_ids, cond, timesteps, guidance, after_step):  # noqa: B007, B020
         pass
     return x

@@ -1,0 +1,456 @@
+"""generate / edit / inpaint: prompt (+ images) -> encode -> noise -> denoise -> decode.
+
+The one orchestration layer: the CLI, the trainer's sample images and the evaluation all call these functions.
+Components are passed in already loaded (see `load_models`); nothing here reads files except `load_models`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from fluxion.config import ModelSpec
+from fluxion.editing.references import (
+    InputImageError,
+    OutputSize,
+    check_image,
+    pil_to_pixels,
+    pixels_to_pil,
+    prepare_references,
+)
+from fluxion.model.transformer import Flux2
+from fluxion.sampling.denoise import Conditioning, Guidance, denoise_steps
+from fluxion.sampling.ids import image_ids, pack, reference_ids, text_ids, unpack
+from fluxion.sampling.schedule import get_schedule
+
+
+@dataclass
+class Models:
+    """Loaded components. `text` may be None after `release_text_encoder` (prompts then come from the cache)."""
+
+    spec: ModelSpec
+    transformer: Flux2
+    vae: torch.nn.Module
+    text: object | None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32  # transformer compute dtype; the VAE stays fp32 (spec 4.5)
+    prompt_cache: object | None = None  # fluxion.text.cache.PromptCache
+    offload: bool = False  # keep components on the CPU and move each to the device only while it runs
+
+    def release_text_encoder(self) -> None:
+        """Free the text encoder (the largest component of [dev]); later prompts must be cached already."""
+        self.text = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    prompt: str | list[str]
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None  # None: the model's default
+    guidance: float | None = None  # None: the model's default
+    seed: int | None = None  # None: a random seed, reported in the result
+    num_images: int = 1  # per prompt; image i of a prompt uses seed + i
+    negative_prompt: str = ""  # true-CFG models only
+    references: tuple[Image.Image, ...] = ()
+    generator_device: str | None = None  # where the noise is drawn; None: the model device (as BFL does)
+    allow_override: bool = False  # let a distilled model run with other than its fixed guidance
+
+
+@dataclass
+class Result:
+    image: Image.Image
+    seed: int
+    params: dict  # everything needed to reproduce it (written into PNG metadata by the CLI)
+
+
+ProgressFn = Callable[[int, int, float], None]  # (step, total steps, seconds for this step)
+
+
+def resolve_guidance(spec: ModelSpec, guidance: float | None, allow_override: bool) -> Guidance:
+    g = spec.default_guidance if guidance is None else guidance
+    if g < 0:
+        raise ValueError(f"guidance must be >= 0, got {g}")
+    if spec.guidance_mode == "distilled" and g != spec.default_guidance:
+        if not allow_override:
+            raise ValueError(
+                f"{spec.name} is guidance-distilled: its guidance is fixed at {spec.default_guidance:g} "
+                f"(asked for {g:g}); drop the guidance option, or allow the override explicitly"
+            )
+        print(
+            f"warning: overriding the fixed guidance of {spec.name} ({spec.default_guidance:g} -> {g:g}); "
+            "the model was not trained for it"
+        )
+    return Guidance(mode=spec.guidance_mode, scale=g, kv_cache=spec.kv_cache)
+
+
+def _prompts(request: Request) -> list[str]:
+    prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+    if not prompts:
+        raise ValueError("no prompt given")
+    return [p for p in prompts for _ in range(request.num_images)]
+
+
+def encode_prompts(models: Models, prompts: list[str]) -> Tensor:
+    """[B, L, C_txt] in the transformer dtype, through the prompt cache when there is one."""
+    if models.prompt_cache is not None and models.text is not None:
+        ctx = models.prompt_cache.get_or_encode(models.text, prompts, dtype=torch.float32)
+    elif models.text is not None:
+        with _on_device(models, models.text):
+            ctx = models.text.encode(prompts, dtype=torch.float32)
+    else:
+        raise ValueError("the text encoder was released and no prompt cache holds these prompts")
+    return ctx.to(models.device, models.dtype)
+
+
+class _on_device:
+    """With offload on, move a component to the device for the duration of a block, then back to the CPU."""
+
+    def __init__(self, models: Models, component):
+        self.models, self.module = models, getattr(component, "backbone", component)
+
+    def __enter__(self):
+        if self.models.offload and isinstance(self.module, torch.nn.Module):
+            self.module.to(self.models.device)
+
+    def __exit__(self, *exc):
+        if self.models.offload and isinstance(self.module, torch.nn.Module):
+            self.module.to("cpu")
+
+
+def encode_images(models: Models, images: list[Image.Image]) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Reference tokens [1, sum N_k, 128] (VAE in fp32, tokens cast to the compute dtype) and their grids."""
+    tokens, grids = [], []
+    with _on_device(models, models.vae), torch.no_grad():
+        for im in images:
+            z = models.vae.encode(pil_to_pixels(im).to(models.device))  # [1, 128, h, w]
+            tokens.append(pack(z))
+            grids.append((z.shape[2], z.shape[3]))
+    return torch.cat(tokens, dim=1).to(models.dtype), grids
+
+
+def decode(models: Models, tokens: Tensor, h: int, w: int) -> Tensor:
+    with _on_device(models, models.vae), torch.no_grad():
+        return models.vae.decode(unpack(tokens, h, w).float())
+
+
+def draw_noise(
+    spec: ModelSpec, seeds: list[int], h: int, w: int, device, dtype, generator_device=None
+) -> Tensor:
+    """[B, h * w, 128] tokens; noise drawn directly in the packed 128-channel space, one generator per image
+    (seed s -> the same image as the reference with that seed, spec 6.1)."""
+    gen_device = torch.device(generator_device) if generator_device else torch.device(device)
+    out = []
+    for s in seeds:
+        g = torch.Generator(gen_device).manual_seed(s)
+        z = torch.randn((1, spec.transformer.in_channels, h, w), generator=g, dtype=dtype, device=gen_device)
+        out.append(pack(z).to(device))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def generate(
+    models: Models, request: Request, progress: ProgressFn | None = None, preview=None
+) -> list[Result]:
+    """Text-to-image, or editing when `request.references` is non-empty (1 to spec.max_references images)."""
+    spec, device, dtype = models.spec, models.device, models.dtype
+    width = request.width or spec.default_size[0]
+    height = request.height or spec.default_size[1]
+    size = OutputSize(width, height, spec.vae.downsample_factor)
+    steps = spec.default_steps if request.steps is None else request.steps
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    guidance = resolve_guidance(spec, request.guidance, request.allow_override)
+    if len(request.references) > spec.max_references:
+        raise InputImageError(
+            f"{len(request.references)} reference images given; {spec.name} takes at most {spec.max_references}"
+        )
+    prompts = _prompts(request)
+    seed = request.seed if request.seed is not None else random.randrange(2**32)
+    seeds = [seed + i for i in range(request.num_images)] * (len(prompts) // request.num_images)
+    B = len(prompts)
+
+    ctx = encode_prompts(models, prompts)
+    neg = encode_prompts(models, [request.negative_prompt] * B) if guidance.mode == "cfg" else None
+    refs = ref_ids = None
+    if request.references:
+        prepared = prepare_references(
+            list(request.references), spec.reference_pixels, spec.vae.downsample_factor
+        )
+        tokens, grids = encode_images(models, prepared)
+        refs, ref_ids = tokens.expand(B, -1, -1), reference_ids(grids, B, device)
+
+    gw, gh = size.generated
+    f = spec.vae.downsample_factor
+    h, w = gh // f, gw // f
+    x = draw_noise(spec, seeds, h, w, device, dtype, request.generator_device)
+    cond = Conditioning(
+        ctx=ctx, ctx_ids=text_ids(ctx.shape[1], B, device), neg_ctx=neg, refs=refs, ref_ids=ref_ids
+    )
+    timesteps = get_schedule(steps, h * w)
+    x = _run(
+        models, x, image_ids(h, w, batch=B, device=device), cond, timesteps, guidance, progress, preview, h, w
+    )
+    pixels = size.crop(decode(models, x, h, w))
+    params = {
+        "model": spec.name,
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "guidance": guidance.scale,
+        "negative_prompt": request.negative_prompt if guidance.mode == "cfg" else None,
+        "references": len(request.references),
+    }
+    return [
+        Result(image, s, {**params, "prompt": p, "seed": s})
+        for image, s, p in zip(pixels_to_pil(pixels), seeds, prompts)
+    ]
+
+
+def _run(models, x, x_ids, cond, timesteps, guidance, progress, preview, h, w, after_step=None) -> Tensor:
+    total, t0 = len(timesteps) - 1, time.perf_counter()
+    out = x
+    for i, out in denoise_steps(models.transformer, x, x_ids, cond, timesteps, guidance, after_step):
+        if models.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if progress:
+            progress(i + 1, total, now - t0)
+        if preview:
+            preview(i + 1, total, out, h, w)
+        t0 = now
+    return out
+
+
+@torch.no_grad()
+def inpaint(
+    models: Models,
+    request: Request,
+    image: Image.Image,
+    mask: Image.Image,
+    strength: float = 0.8,
+    composite: bool = True,
+    progress: ProgressFn | None = None,
+) -> list[Result]:
+    """Repaint the white part of `mask` in `image` (klein inpaint behaviour, spec 7.4).
+
+    The source is noised to the first used time of a schedule truncated by `strength`, and after every step the
+    unmasked tokens are reset to the source noised to the next time. The source is also reference 1 (and
+    `request.references[0]`, if given, reference 2). With `composite` the returned pixels outside the mask are
+    the source's exactly. Output size = the source size (it must be >= 64 px per side).
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    check_image(image, "source image")
+    if mask.size != image.size:
+        raise InputImageError(
+            f"mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x{image.size[1]}"
+        )
+    spec, device, dtype = models.spec, models.device, models.dtype
+    f = spec.vae.downsample_factor
+    size = OutputSize(*image.size, multiple=f)
+    gw, gh = size.generated
+    # Pad by edge replication to the 16-px grid (the crop afterwards restores the exact size).
+    src = F.pad(pil_to_pixels(image.convert("RGB")), _pad(size), mode="replicate")
+    m_px = F.pad(torch.from_numpy(_gray(mask) >= 0.5).float()[None, None], _pad(size), mode="replicate")
+    h, w = gh // f, gw // f
+    steps = spec.default_steps if request.steps is None else request.steps
+    guidance = resolve_guidance(spec, request.guidance, request.allow_override)
+    prompts = _prompts(request)
+    B = len(prompts)
+    seed = request.seed if request.seed is not None else random.randrange(2**32)
+    seeds = [seed + i for i in range(request.num_images)] * (B // request.num_images)
+
+    with _on_device(models, models.vae):
+        x0 = pack(models.vae.encode(src.to(device))).to(dtype).expand(B, -1, -1)  # [B, N, 128]
+    extra = (
+        prepare_references(list(request.references[:1]), spec.reference_pixels, f)
+        if request.references
+        else []
+    )
+    ref_tokens, grids = encode_images(models, extra) if extra else (None, [])
+    refs = torch.cat([x0[:1]] + ([ref_tokens] if ref_tokens is not None else []), dim=1).expand(B, -1, -1)
+    ref_ids = reference_ids([(h, w), *grids], B, device)
+    mask_tok = pack(F.interpolate(m_px, size=(h, w), mode="bilinear")).to(device, dtype)  # [1, N, 1]
+
+    full = get_schedule(steps, h * w)
+    start = int(max(steps - min(steps * strength, steps), 0))  # the SD3-style truncation diffusers uses
+    timesteps = full[start:]
+    noise = draw_noise(spec, seeds, h, w, device, dtype, request.generator_device)
+    x = (timesteps[0] * noise.float() + (1 - timesteps[0]) * x0.float()).to(dtype)
+
+    def keep_source(i: int, t_next: float, x: Tensor) -> Tensor:
+        source_t = (t_next * noise.float() + (1 - t_next) * x0.float()).to(dtype)
+        return (1 - mask_tok) * source_t + mask_tok * x
+
+    ctx = encode_prompts(models, prompts)
+    neg = encode_prompts(models, [request.negative_prompt] * B) if guidance.mode == "cfg" else None
+    cond = Conditioning(
+        ctx=ctx, ctx_ids=text_ids(ctx.shape[1], B, device), neg_ctx=neg, refs=refs, ref_ids=ref_ids
+    )
+    x = _run(
+        models,
+        x,
+        image_ids(h, w, batch=B, device=device),
+        cond,
+        timesteps,
+        guidance,
+        progress,
+        None,
+        h,
+        w,
+        keep_source,
+    )
+    pixels = decode(models, x, h, w)
+    if composite:
+        m = m_px.to(pixels.device)
+        pixels = m * pixels + (1 - m) * src.to(pixels.device)
+    pixels = size.crop(pixels)
+    params = {
+        "model": spec.name,
+        "width": size.width,
+        "height": size.height,
+        "steps": steps,
+        "guidance": guidance.scale,
+        "strength": strength,
+        "mode": "inpaint",
+    }
+    return [
+        Result(im, s, {**params, "prompt": p, "seed": s})
+        for im, s, p in zip(pixels_to_pil(pixels), seeds, prompts)
+    ]
+
+
+def _pad(size: OutputSize) -> tuple[int, int, int, int]:
+    gw, gh = size.generated
+    left, top = (gw - size.width) // 2, (gh - size.height) // 2
+    return (left, gw - size.width - left, top, gh - size.height - top)
+
+
+def _gray(mask: Image.Image):
+    import numpy as np
+
+    return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+
+
+def request_from_params(params: dict, **overrides) -> Request:
+    """Rebuild a Request from a Result's params (e.g. read back from PNG metadata)."""
+    known = {f for f in Request.__dataclass_fields__}
+    values = {k: v for k, v in params.items() if k in known and v is not None}
+    return replace(Request(prompt=params["prompt"]), **{**values, **overrides})
+
+
+def result_dict(result: Result) -> dict:
+    return {"seed": result.seed, **asdict(result)["params"]}
+
+
+def embedded_model_dir(name: str = "fluxion-tiny"):
+    """Where the weights shipped inside the package live (None when this build has none)."""
+    from importlib.resources import files
+
+    folder = files("fluxion") / "assets" / name
+    return folder if (folder / "transformer.safetensors").is_file() else None
+
+
+def resolve_preset(model_path, preset: str | None) -> ModelSpec:
+    """The preset of a checkpoint: given, or read from diffusers' model_index.json / the BFL file name / the
+    tensor shapes. Variants with identical shapes (klein vs klein base vs klein KV) need one of the first three."""
+    import json
+    from pathlib import Path
+
+    from fluxion.config import PRESETS, get_preset
+    from fluxion.weights.load import infer_transformer_config, presets_matching, read_component
+
+    if preset:
+        return get_preset(preset)
+    path = Path(model_path)
+    name = path.name.lower()
+    for spec in PRESETS.values():
+        if spec.bfl_filename and name == spec.bfl_filename:
+            return spec
+    sd, _ = read_component(path, "transformer")
+    candidates = presets_matching(infer_transformer_config({k: tuple(v.shape) for k, v in sd.items()}))
+    index = path / "model_index.json"
+    if index.is_file() and len(candidates) > 1:
+        info = json.loads(index.read_text())
+        kv = info.get("_class_name") == "Flux2KleinKVPipeline"
+        distilled = info.get("is_distilled", kv)
+        for c in candidates:
+            spec = PRESETS[c]
+            if spec.kv_cache == kv and (spec.guidance_mode == "distilled") == bool(distilled):
+                return spec
+    if len(candidates) == 1:
+        return PRESETS[candidates[0]]
+    if not candidates:
+        raise ValueError(f"{path} matches no known preset; pass --preset with a config that fits it")
+    raise ValueError(f"{path} fits several presets ({', '.join(candidates)}); say which with --preset")
+
+
+def load_models(
+    model: str | None = None,
+    *,
+    preset: str | None = None,
+    vae: str | None = None,
+    text: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    offload: bool = False,
+) -> Models:
+    """Load transformer, VAE and text encoder. `model`: None or "fluxion-tiny" for the embedded model, a
+    diffusers model folder (transformer/, vae/, text_encoder/, tokenizer/), or a BFL transformer file (then
+    `vae` (ae.safetensors) and `text` (a text-encoder folder) are needed too)."""
+    from pathlib import Path
+
+    from fluxion.config import get_preset
+    from fluxion.text.encoder import load_text_encoder
+    from fluxion.weights.load import load_autoencoder, load_transformer
+
+    device = torch.device(device)
+    if model is None or model == "fluxion-tiny":
+        folder = embedded_model_dir()
+        if folder is None:
+            raise FileNotFoundError(
+                "this fluxion build has no embedded model; pass --model with a FLUX.2 checkpoint "
+                "(a diffusers folder, or a BFL .safetensors file with --vae and --text)"
+            )
+        spec = get_preset("fluxion-tiny")
+        tr_path, vae_path, text_path = (
+            Path(str(folder / "transformer.safetensors")),
+            Path(str(folder / "vae.safetensors")),
+            text,
+        )
+    else:
+        path = Path(model)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no model at {path}: give a diffusers folder, a BFL .safetensors file or a preset"
+            )
+        spec = resolve_preset(path, preset)
+        tr_path = path
+        vae_path = Path(vae) if vae else (path / "vae" if path.is_dir() else None)
+        text_path = text if text else (str(path) if path.is_dir() else None)
+        if vae_path is None:
+            raise ValueError(
+                f"{path} is a single transformer file: pass the autoencoder with --vae ae.safetensors"
+            )
+        if text_path is None and spec.text.kind != "minilm":
+            raise ValueError(f"{path} is a single transformer file: pass the text-encoder folder with --text")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    home = torch.device("cpu") if offload else device
+    transformer = load_transformer(tr_path, spec.transformer, dtype=dtype, device=device)
+    ae = load_autoencoder(vae_path, spec.vae, dtype=torch.float32, device=home)
+    encoder = load_text_encoder(
+        text_path, spec.text, device=home, dtype=dtype if device.type == "cuda" else torch.float32
+    )
+    return Models(
+        spec=spec, transformer=transformer, vae=ae, text=encoder, device=device, dtype=dtype, offload=offload
+    )

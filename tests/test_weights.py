@@ -168,3 +168,39 @@ def test_guidance_mismatch_names_the_klein_preset(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     with pytest.raises(CheckpointError, match="guidance embedder no"):
         load_transformer(path, preset=SMALL)
+
+
+def _small_diffusers_vae():
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(1)
+    vae = AutoencoderKLFlux2(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=8).eval()
+    vae.bn.running_mean.normal_()
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    return vae
+
+
+def test_autoencoder_from_diffusers_folder_and_convert_round_trip(tmp_path):
+    from fluxion.weights.load import load_autoencoder
+
+    ref = _small_diffusers_vae()
+    ref.save_pretrained(tmp_path / "model" / "vae")
+    ae = load_autoencoder(tmp_path / "model", dtype=torch.float32)
+    assert ae.cfg.ch == 32 and ae.cfg.ch_mult == (1, 2, 2, 2) and ae.cfg.num_res_blocks == 1
+    x = torch.rand(1, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        want = ref.decode(ref.encode(x).latent_dist.mode()).sample
+        got = ae.decoder(ae.encoder(x)[:, :32])
+    assert (got - want).abs().max() < 1e-4
+    bfl = convert(tmp_path / "model" / "vae", tmp_path / "ae.safetensors", to="bfl")
+    folder = convert(bfl, tmp_path / "vae2", to="diffusers")
+    back = convert(folder, tmp_path / "ae2.safetensors", to="bfl")
+    assert back.read_bytes() == bfl.read_bytes()
+    assert json.loads((folder / "config.json").read_text())["block_out_channels"] == [32, 64, 64, 64]
+
+
+def test_autoencoder_wrong_component(tmp_path, bfl_file):
+    from fluxion.weights.load import load_autoencoder
+
+    with pytest.raises(CheckpointError, match="no autoencoder"):
+        load_autoencoder(bfl_file)

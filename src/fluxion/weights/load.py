@@ -185,7 +185,13 @@ def load_autoencoder(
     from fluxion.vae.autoencoder import AutoEncoder
 
     sd, _ = read_component(path, "vae")
-    found = infer_vae_config({k: tuple(v.shape) for k, v in sd.items()})
+    # GroupNorm's group count leaves no trace in tensor shapes: take it from diffusers' config.json if present.
+    groups = 32
+    for folder in (Path(path), Path(path) / "vae"):
+        if (folder / "config.json").is_file():
+            groups = json.loads((folder / "config.json").read_text()).get("norm_num_groups", 32)
+            break
+    found = infer_vae_config({k: tuple(v.shape) for k, v in sd.items()}, num_groups=groups)
     cfg = cfg or found
     # Files written by diffusers lack the BN step counter; it is never used (running stats only).
     sd.setdefault("bn.num_batches_tracked", torch.tensor(0, dtype=torch.long))

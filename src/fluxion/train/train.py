@@ -59,6 +59,9 @@ class TrainConfig:
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = ("*img_attn.qkv", "*img_attn.proj", "*linear1", "*linear2")
     max_steps_this_run: int = 0  # stop after this many steps (to test resume); 0 = run to `steps`
+    # Wall-clock budget for this run in seconds (0: none). After 50 steps the step time is measured and `steps`
+    # is lowered to fit, schedule included. Used for fixed-length GPU leases; such a run is not resumable.
+    time_budget_s: float = 0.0
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -227,7 +230,15 @@ def main(cfg: TrainConfig) -> dict:
     writer = _tensorboard(out) if rank == 0 else None
     end = cfg.steps if not cfg.max_steps_this_run else min(cfg.steps, start + cfg.max_steps_this_run)
     losses, t0 = [], time.time()
-    for step in range(start, end):
+    step = start
+    while step < end:
+        if cfg.time_budget_s and step == start + 50:
+            per_step = (time.time() - t0) / 50
+            fit = start + int((cfg.time_budget_s - (time.time() - t0)) / per_step)
+            if fit < cfg.steps:
+                print(f"time budget: {per_step:.3f} s/step -> {fit} steps instead of {cfg.steps}", flush=True)
+                cfg = dataclasses.replace(cfg, steps=max(fit, step + 1))
+                end = cfg.steps
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         batch = make_batch(frozen, sampler.next_batch(), gen, cfg)
@@ -259,6 +270,7 @@ def main(cfg: TrainConfig) -> dict:
             )
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end:
             save_train_state(out, sharded, opt, ema, sampler, gen, step + 1, rank)
+        step += 1
     save_train_state(out, sharded, opt, ema, sampler, gen, end, rank)
     exported = export_weights(out, sharded, ema, cfg, rank) if end == cfg.steps else None
     if log:

@@ -59,8 +59,8 @@ class TrainConfig:
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = ("*img_attn.qkv", "*img_attn.proj", "*linear1", "*linear2")
     max_steps_this_run: int = 0  # stop after this many steps (to test resume); 0 = run to `steps`
-    # Wall-clock budget for this run in seconds (0: none). After 50 steps the step time is measured and `steps`
-    # is lowered to fit, schedule included. Used for fixed-length GPU leases; such a run is not resumable.
+    # Wall-clock budget for this run in seconds (0: none). The step time is measured over steps 50-100 (after
+    # warm-up and compilation) and `steps` is lowered to fit, schedule included. For fixed-length GPU leases.
     time_budget_s: float = 0.0
 
     def __post_init__(self):
@@ -233,8 +233,10 @@ def main(cfg: TrainConfig) -> dict:
     step = start
     while step < end:
         if cfg.time_budget_s and step == start + 50:
-            per_step = (time.time() - t0) / 50
-            fit = start + int((cfg.time_budget_s - (time.time() - t0)) / per_step)
+            t50 = time.time()
+        if cfg.time_budget_s and step == start + 100:
+            per_step = (time.time() - t50) / 50
+            fit = step + int((cfg.time_budget_s - (time.time() - t0)) / per_step)
             if fit < cfg.steps:
                 print(f"time budget: {per_step:.3f} s/step -> {fit} steps instead of {cfg.steps}", flush=True)
                 cfg = dataclasses.replace(cfg, steps=max(fit, step + 1))

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -97,6 +98,8 @@ def _prompts(request: Request) -> list[str]:
     prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
     if not prompts:
         raise ValueError("no prompt given")
+    if request.num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {request.num_images}")
     return [p for p in prompts for _ in range(request.num_images)]
 
 
@@ -310,11 +313,13 @@ def inpaint(
         w,
         keep_source,
     )
-    pixels = decode(models, x, h, w)
+    images = pixels_to_pil(size.crop(decode(models, x, h, w)))
     if composite:
-        m = m_px.to(pixels.device)
-        pixels = m * pixels + (1 - m) * src.to(pixels.device)
-    pixels = size.crop(pixels)
+        # In uint8, not in float: source pixels through [-1, 1] and back with the BFL truncation come out one
+        # level low for most values (v / 255 * 2 - 1 is inexact), so a float composite would not be exact.
+        keep = _gray(mask)[..., None] < 0.5  # [H, W, 1] the unmasked pixels, binarised as above
+        source = np.asarray(image.convert("RGB"))
+        images = [Image.fromarray(np.where(keep, source, np.asarray(im))) for im in images]
     params = {
         "model": spec.name,
         "width": size.width,
@@ -324,10 +329,7 @@ def inpaint(
         "strength": strength,
         "mode": "inpaint",
     }
-    return [
-        Result(im, s, {**params, "prompt": p, "seed": s})
-        for im, s, p in zip(pixels_to_pil(pixels), seeds, prompts)
-    ]
+    return [Result(im, s, {**params, "prompt": p, "seed": s}) for im, s, p in zip(images, seeds, prompts)]
 
 
 def _pad(size: OutputSize) -> tuple[int, int, int, int]:
@@ -337,14 +339,13 @@ def _pad(size: OutputSize) -> tuple[int, int, int, int]:
 
 
 def _gray(mask: Image.Image):
-    import numpy as np
-
     return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
 
 
 def request_from_params(params: dict, **overrides) -> Request:
     """Rebuild a Request from a Result's params (e.g. read back from PNG metadata)."""
-    known = {f for f in Request.__dataclass_fields__}
+    # params["references"] is a count (the images themselves are not stored): never a Request field value.
+    known = {f for f in Request.__dataclass_fields__} - {"references"}
     values = {k: v for k, v in params.items() if k in known and v is not None}
     return replace(Request(prompt=params["prompt"]), **{**values, **overrides})
 

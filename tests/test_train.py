@@ -50,8 +50,12 @@ def test_loss_falls_from_scratch(parts, tmp_path):
     assert log[-1]["step"] == 59
 
 
-def test_edit_pairs_train(parts, tmp_path):
-    result = main(config(parts, tmp_path / "run", steps=8, edit_fraction=1.0))
+def test_edit_pairs_train_and_samples_are_written(parts, tmp_path):
+    result = main(config(parts, tmp_path / "run", steps=8, edit_fraction=1.0, sample_every=4, sample_steps=2))
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == [
+        "step-000004.png",
+        "step-000008.png",
+    ]
     assert len(result["losses"]) == 8 and all(l == l for l in result["losses"])  # finite, ran with references
 
 
@@ -103,7 +107,9 @@ def test_vae_training_reconstructs_and_fits_latent_norm(parts, tmp_path, monkeyp
     log = [json.loads(line) for line in (tmp_path / "vae_log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < 0.7 * log[0]["loss"]
     ae = load_autoencoder(result["exported"])
-    assert not torch.equal(ae.bn.running_var, torch.ones_like(ae.bn.running_var))  # the statistics were fitted
+    assert not torch.equal(
+        ae.bn.running_var, torch.ones_like(ae.bn.running_var)
+    )  # the statistics were fitted
     from fluxion.train.data import TinySet
     from fluxion.train.vae import fit_latent_norm
 

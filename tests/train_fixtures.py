@@ -3,6 +3,7 @@ small tinyset folder, all built in a second or two."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from text_fixtures import TINY_QWEN3, build_tiny_qwen3
 
 TRAIN_SPEC = ModelSpec(
     name="test-train",
-    transformer=DEBUG_TRANSFORMER,
+    transformer=dataclasses.replace(DEBUG_TRANSFORMER, use_guidance_embed=False),
     vae=DEBUG_VAE,
     text=TINY_QWEN3,
     guidance_mode="cfg",

@@ -114,6 +114,11 @@ class ModelSpec:
     aliases: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
+        if (self.guidance_mode == "embedded") != self.transformer.use_guidance_embed:
+            raise ValueError(
+                f"{self.name}: guidance mode {self.guidance_mode!r} needs use_guidance_embed="
+                f"{self.guidance_mode == 'embedded'} in the transformer config"
+            )
         if self.text.context_dim != self.transformer.context_in_dim:
             raise ValueError(
                 f"{self.name}: text encoder gives {self.text.context_dim} features, "

@@ -51,6 +51,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
+    sample_every: int = 0  # write sample images every N steps (0: never)
+    sample_prompts: tuple[str, ...] = ("a red heart", "a blue circle in the center")
+    sample_steps: int | None = None  # None: the preset's default
     compute_dtype: str = "bfloat16"  # the one precision policy: autocast dtype on CUDA (CPU runs fp32)
     compile: bool = False  # per-block torch.compile
     activation_checkpointing: bool = False
@@ -270,6 +273,8 @@ def main(cfg: TrainConfig) -> dict:
                 f"step {step:6d}  loss {loss_value:.4f}  lr {record['lr']:.2e}  {record['seconds']}s",
                 flush=True,
             )
+        if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+            write_samples(out / "samples" / f"step-{step + 1:06d}.png", spec, sharded, frozen, cfg, rank)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end:
             save_train_state(out, sharded, opt, ema, sampler, gen, step + 1, rank)
         step += 1
@@ -286,6 +291,29 @@ def main(cfg: TrainConfig) -> dict:
         "exported": str(exported) if exported else None,
         "losses": losses,
     }
+
+
+@torch.no_grad()
+def write_samples(path: Path, spec: ModelSpec, model, frozen: Frozen, cfg: TrainConfig, rank: int) -> None:
+    """One image per sample prompt (fixed seeds) side by side, through the real pipeline. With FSDP every rank
+    runs the forward passes (they are collective); rank 0 writes the file."""
+    from PIL import Image
+
+    from fluxion.sampling.pipeline import Models, Request, generate
+
+    was_training = model.training
+    model.eval()
+    models = Models(spec=spec, transformer=model, vae=frozen.vae, text=frozen.text, device=frozen.device)
+    with compute_context(frozen.device, cfg.compute_dtype):
+        results = generate(models, Request(prompt=list(cfg.sample_prompts), seed=0, steps=cfg.sample_steps))
+    model.train(was_training)
+    if rank == 0:
+        w, h = results[0].image.size
+        sheet = Image.new("RGB", (w * len(results), h), "white")
+        for i, r in enumerate(results):
+            sheet.paste(r.image, (i * w, 0))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(path)
 
 
 def _mean_over_ranks(x: Tensor) -> float:

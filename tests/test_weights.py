@@ -174,7 +174,9 @@ def _small_diffusers_vae():
     from diffusers import AutoencoderKLFlux2
 
     torch.manual_seed(1)
-    vae = AutoencoderKLFlux2(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=8).eval()
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=8
+    ).eval()
     vae.bn.running_mean.normal_()
     vae.bn.running_var.uniform_(0.5, 2.0)
     return vae

@@ -232,9 +232,9 @@ def convert_main(args: argparse.Namespace) -> int:
 
 def train_main(args: argparse.Namespace) -> int:
     from fluxion.train.recipes import load_recipe_file
-    from fluxion.train.train import main as train
+    from fluxion.train.train import run_stages
 
-    summary = train(load_recipe_file(args.recipe))
+    summary = run_stages(load_recipe_file(args.recipe))
     print(
         f"trained {summary['steps']} steps, final loss {summary['final_loss']:.4f}; exported {summary['exported']}"
     )

@@ -94,7 +94,8 @@ def export_weights(out: Path, model, ema, cfg, rank: int) -> Path | None:
                 if k.endswith(suffix):
                     layer = k[: -len(suffix)]
                     tensors[f"{layer}.lora_{part}.weight"] = v
-                    tensors[f"{layer}.alpha"] = alpha.clone()  # one tensor per key: safetensors refuses shared storage
+                    # One tensor per key: safetensors refuses tensors that share storage.
+                    tensors[f"{layer}.alpha"] = alpha.clone()
     else:
         path = out / "transformer.safetensors"
         tensors = {k: v for k, v in full.items() if ".lora." not in k}

@@ -1,10 +1,11 @@
 """Training data: image/caption pairs and edit pairs, batched by resolution bucket.
 
-Two layouts are read:
+Three layouts are read:
 - a tinyset folder (what `fluxion data build` writes): images.npy uint8 [N, H, W, 3] + captions.jsonl, and
   optionally edits.jsonl ({"refs": [i, ...], "target": j, "caption": ...}) for edit-pair training;
 - an image folder with same-named .txt captions (the kohya / ai-toolkit convention), any sizes: each image is
-  resized and centre-cropped to the nearest aspect bucket of about `pixels` pixels.
+  resized and centre-cropped to the nearest aspect bucket of about `pixels` pixels;
+- WebDataset-style `.tar` shards of the same (image + .txt or .json caption per key).
 Every sample becomes pixels in [-1, 1] as a float tensor [3, H, W].
 """
 
@@ -127,6 +128,56 @@ class ImageFolder:
         return Sample(to_tensor(image), self.captions[index])
 
 
+class TarShards:
+    """WebDataset-style shards: `*.tar` files whose members are grouped by key (`key.png` + `key.txt`, or
+    `key.json` with a "caption" field). The index (member offsets and image sizes) is read once; images are
+    decoded on demand and fitted to their nearest aspect bucket, like ImageFolder."""
+
+    def __init__(self, folder: str | Path, pixels: int = 128 * 128):
+        import tarfile
+
+        self.shards = sorted(Path(folder).glob("*.tar"))
+        if not self.shards:
+            raise ValueError(f"{folder} holds no .tar shards")
+        self.buckets = buckets(pixels)
+        self.items: list[tuple[int, str, str]] = []  # (shard index, image member, caption or json member)
+        self.captions: list[str] = []
+        self.sizes: list[tuple[int, int]] = []
+        for k, shard in enumerate(self.shards):
+            with tarfile.open(shard) as tar:
+                members = {m.name: m for m in tar.getmembers() if m.isfile()}
+                for name, member in members.items():
+                    stem, suffix = name.rsplit(".", 1) if "." in name else (name, "")
+                    if "." + suffix.lower() not in IMAGE_SUFFIXES:
+                        continue
+                    caption = ""
+                    if stem + ".txt" in members:
+                        caption = tar.extractfile(members[stem + ".txt"]).read().decode().strip()
+                    elif stem + ".json" in members:
+                        caption = json.loads(tar.extractfile(members[stem + ".json"]).read()).get(
+                            "caption", ""
+                        )
+                    with Image.open(tar.extractfile(member)) as im:  # reads the header only
+                        aspect = im.width / im.height
+                    self.items.append((k, name, caption))
+                    self.captions.append(caption)
+                    self.sizes.append(min(self.buckets, key=lambda wh: abs(np.log(wh[0] / wh[1] / aspect))))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def sample(self, index: int) -> Sample:
+        import io
+        import tarfile
+
+        k, name, caption = self.items[index]
+        with tarfile.open(self.shards[k]) as tar:
+            data = tar.extractfile(name).read()
+        with Image.open(io.BytesIO(data)) as im:
+            image = fit_to_bucket(im.convert("RGB"), self.sizes[index])
+        return Sample(to_tensor(image), caption)
+
+
 class BatchSampler:
     """Endless batches, each from one source and one size, so tensors stack without padding.
 
@@ -156,7 +207,7 @@ class BatchSampler:
             n_refs = len(edits[idx[0]]["refs"])
             idx = [i if len(edits[i]["refs"]) == n_refs else idx[0] for i in idx]
             return [src.edit_sample(i) for i in idx]
-        if isinstance(src, ImageFolder):
+        if isinstance(src, (ImageFolder, TarShards)):
             size = src.sizes[self.rng.randrange(len(src))]
             pool = [i for i, s in enumerate(src.sizes) if s == size]
             return [src.sample(self.rng.choice(pool)) for _ in range(self.batch_size)]
@@ -167,5 +218,10 @@ def open_sources(paths, pixels: int = 128 * 128) -> list:
     out = []
     for p in paths:
         p = Path(p)
-        out.append(TinySet(p) if (p / "images.npy").is_file() else ImageFolder(p, pixels))
+        if (p / "images.npy").is_file():
+            out.append(TinySet(p))
+        elif p.is_dir() and any(p.glob("*.tar")):
+            out.append(TarShards(p, pixels))
+        else:
+            out.append(ImageFolder(p, pixels))
     return out

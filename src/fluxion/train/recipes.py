@@ -8,6 +8,7 @@ step counts were sized for one H100 in about 20 minutes in all (docs/MODEL_CARD.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from fluxion.train.train import TrainConfig
@@ -71,8 +72,28 @@ RECIPES = {
 }
 
 
-def load_recipe_file(path: str | Path) -> TrainConfig:
-    """A TOML file of TrainConfig fields, or a Python file with a `config()` function returning a TrainConfig."""
+def curriculum(base: TrainConfig, stages: list[tuple[int, tuple[str, ...], int]]) -> list[TrainConfig]:
+    """A progressive-resolution curriculum: (steps, data folders, pixels per image) per stage. Stage k writes
+    to `<out>/stage-k` and starts from the weights stage k-1 exported; `run_stages` runs them in order."""
+    out = []
+    for k, (steps, data, pixels) in enumerate(stages):
+        init = str(Path(base.out) / f"stage-{k - 1}" / "transformer.safetensors") if k else base.init
+        out.append(
+            replace(
+                base,
+                steps=steps,
+                data=tuple(data),
+                pixels=pixels,
+                init=init,
+                out=str(Path(base.out) / f"stage-{k}"),
+            )
+        )
+    return out
+
+
+def load_recipe_file(path: str | Path) -> TrainConfig | list[TrainConfig]:
+    """A TOML file of TrainConfig fields, or a Python file with a `config()` function returning a TrainConfig
+    (or `stages()` returning a list of them, run one after the other)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training recipe not found: {path}")
@@ -86,7 +107,11 @@ def load_recipe_file(path: str | Path) -> TrainConfig:
         import runpy
 
         namespace = runpy.run_path(str(path))
+        if "stages" in namespace:
+            return list(namespace["stages"]())
         if "config" not in namespace:
-            raise ValueError(f"{path} must define a function config() returning a TrainConfig")
+            raise ValueError(
+                f"{path} must define config() returning a TrainConfig (or stages() returning a list)"
+            )
         return namespace["config"]()
     raise ValueError(f"{path}: a recipe is a .toml or .py file")

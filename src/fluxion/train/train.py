@@ -342,12 +342,20 @@ def config_from_dict(values: dict) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def run_stages(configs: TrainConfig | list[TrainConfig]) -> dict:
+    """Run one config, or several in order (a curriculum); returns the last summary."""
+    summary: dict = {}
+    for cfg in configs if isinstance(configs, list) else [configs]:
+        summary = main(cfg)
+    return summary
+
+
 if __name__ == "__main__":  # torchrun --nproc_per_node N -m fluxion.train.train RECIPE (.toml or .py)
     import sys
 
     from fluxion.train.recipes import load_recipe_file
 
-    summary = main(load_recipe_file(sys.argv[1]))
+    summary = run_stages(load_recipe_file(sys.argv[1]))
     if summary.get("exported"):
         print(f"exported {summary['exported']}")
     if dist.is_initialized():

@@ -448,3 +448,24 @@ def test_inpaint_rejects_mismatched_mask_and_bad_strength(klein):
         P.inpaint(models, req, source, Image.new("L", (64, 64)))
     with pytest.raises(ValueError, match="strength"):
         P.inpaint(models, req, source, Image.new("L", (64, 80)), strength=0.0)
+
+
+def test_prompt_cache_then_released_encoder_and_offload_give_the_same_image(klein, tmp_path):
+    """Encode once through the disk cache, free the text encoder, run again from the cache with component
+    offload on: the same image, bit for bit."""
+    from fluxion.text.cache import PromptCache
+
+    _, models = klein
+    models = with_spec(models, KLEIN)
+    request = P.Request(prompt=PROMPT, seed=3)
+    first = P.generate(models, request)[0]
+    cached = P.Models(**{**vars(models), "prompt_cache": PromptCache(tmp_path / "cache")})
+    assert np.array_equal(np.asarray(P.generate(cached, request)[0].image), np.asarray(first.image))
+    text = cached.text
+    cached.release_text_encoder()  # from here on, prompts come from the cache only
+    assert np.array_equal(np.asarray(P.generate(cached, request)[0].image), np.asarray(first.image))
+    with pytest.raises(ValueError, match="not cached"):
+        P.generate(cached, P.Request(prompt="a prompt never seen", seed=3))
+    cached.text = text
+    offloaded = P.Models(**{**vars(cached), "offload": True})
+    assert np.array_equal(np.asarray(P.generate(offloaded, request)[0].image), np.asarray(first.image))

@@ -127,7 +127,7 @@ def load(args: argparse.Namespace):
         pass
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    return load_models(
+    models = load_models(
         args.model,
         preset=args.preset,
         vae=args.vae,
@@ -136,6 +136,11 @@ def load(args: argparse.Namespace):
         dtype=dtype,
         offload=args.offload,
     )
+    if getattr(args, "prompt_cache", None):
+        from fluxion.text.cache import PromptCache
+
+        models.prompt_cache = PromptCache(args.prompt_cache)
+    return models
 
 
 def build_request(args: argparse.Namespace, prompts: list[str], references=()):
@@ -434,6 +439,7 @@ MODEL = [
     opt("--device", help="cuda, cuda:1, cpu, mps (default: cuda when available)"),
     opt("--dtype", choices=sorted(DTYPES), help="transformer dtype (default: bf16 on GPU, fp32 on CPU)"),
     opt("--offload", action="store_true", help="keep components on the CPU until they run"),
+    opt("--prompt-cache", help="folder caching prompt embeddings (keyed by encoder identity and prompt)"),
 ]
 SIZE = [
     opt(

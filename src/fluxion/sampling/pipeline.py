@@ -111,14 +111,16 @@ def _prompts(request: Request) -> list[str]:
 
 
 def encode_prompts(models: Models, prompts: list[str]) -> Tensor:
-    """[B, L, C_txt] in the transformer dtype, through the prompt cache when there is one."""
-    if models.prompt_cache is not None and models.text is not None:
-        ctx = models.prompt_cache.get_or_encode(models.text, prompts, dtype=torch.float32)
+    """[B, L, C_txt] in the transformer dtype, through the prompt cache when there is one (which also serves
+    cached prompts after `release_text_encoder`)."""
+    if models.prompt_cache is not None:
+        with _on_device(models, models.text):
+            ctx = models.prompt_cache.get_or_encode(models.text, prompts, dtype=torch.float32)
     elif models.text is not None:
         with _on_device(models, models.text):
             ctx = models.text.encode(prompts, dtype=torch.float32)
     else:
-        raise ValueError("the text encoder was released and no prompt cache holds these prompts")
+        raise ValueError("the text encoder was released and there is no prompt cache to read prompts from")
     return ctx.to(models.device, models.dtype)
 
 

@@ -57,9 +57,19 @@ class PromptCache:
     def __init__(self, directory: str | Path, identity: str | None = None) -> None:
         self.directory = Path(directory)
         self.identity = identity  # None: derive from the encoder's folders (encoder_identity)
+        self._seen: str | None = None  # the identity of the last encoder used, so it can be released later
 
-    def folder(self, encoder: TextEncoder) -> Path:
-        identity = self.identity if self.identity is not None else encoder_identity(encoder)
+    def folder(self, encoder: TextEncoder | None) -> Path:
+        if self.identity is not None:
+            identity = self.identity
+        elif encoder is not None:
+            identity = self._seen = encoder_identity(encoder)
+        elif self._seen is not None:
+            identity = self._seen
+        else:
+            raise ValueError(
+                "no text encoder and no cache identity: load the encoder once, or give an identity"
+            )
         return self.directory / hashlib.sha256(identity.encode()).hexdigest()[:16]
 
     @staticmethod
@@ -67,9 +77,14 @@ class PromptCache:
         return hashlib.sha256(f"{dtype}\0{prompt}".encode()).hexdigest() + ".safetensors"
 
     def get_or_encode(
-        self, encoder: TextEncoder, prompts: str | Sequence[str], *, dtype: torch.dtype = torch.bfloat16
+        self,
+        encoder: TextEncoder | None,
+        prompts: str | Sequence[str],
+        *,
+        dtype: torch.dtype = torch.bfloat16,
     ) -> torch.Tensor:
-        """[B, max_length, context_dim] on the encoder's device; misses are encoded in one batch and stored."""
+        """[B, max_length, context_dim] on the encoder's device; misses are encoded in one batch and stored.
+        With `encoder=None` (released to save memory) every prompt must already be cached."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         folder = self.folder(encoder)
         rows: dict[str, torch.Tensor] = {}
@@ -78,12 +93,16 @@ class PromptCache:
             if prompt not in rows and path.exists():
                 rows[prompt] = load_file(path)["prompt_embeds"]
         missing = list(dict.fromkeys(p for p in prompts if p not in rows))  # unique, order kept
+        if missing and encoder is None:
+            raise ValueError(
+                f"the text encoder was released and {len(missing)} prompt(s) are not cached: {missing[:3]}"
+            )
         if missing:
             encoded = encoder.encode(missing, dtype=dtype).cpu()
             for prompt, row in zip(missing, encoded):
                 rows[prompt] = row
                 self._save(folder / self._name(prompt, dtype), prompt, row)
-        return torch.stack([rows[p] for p in prompts]).to(encoder.device)
+        return torch.stack([rows[p] for p in prompts]).to(encoder.device if encoder is not None else "cpu")
 
     @staticmethod
     def _save(path: Path, prompt: str, row: torch.Tensor) -> None:

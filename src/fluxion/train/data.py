@@ -29,6 +29,8 @@ class Sample:
     image: Tensor  # [3, H, W] in [-1, 1]
     caption: str
     refs: list[Tensor] = field(default_factory=list)  # reference images for edit pairs, each [3, h, w]
+    key: str = ""  # a stable name of the image (source folder + index), for the latent cache
+    ref_keys: list[str] = field(default_factory=list)
 
 
 def to_tensor(image: np.ndarray | Image.Image) -> Tensor:
@@ -87,7 +89,9 @@ class TinySet:
         return len(self.records)
 
     def sample(self, index: int) -> Sample:
-        return Sample(to_tensor(self.images[index]), self.records[index]["caption"])
+        return Sample(
+            to_tensor(self.images[index]), self.records[index]["caption"], key=f"{self.folder}:{index}"
+        )
 
     def edit_sample(self, index: int) -> Sample:
         edit = self.edits[index]
@@ -125,7 +129,7 @@ class ImageFolder:
     def sample(self, index: int) -> Sample:
         with Image.open(self.paths[index]) as im:
             image = fit_to_bucket(im.convert("RGB"), self.sizes[index])
-        return Sample(to_tensor(image), self.captions[index])
+        return Sample(to_tensor(image), self.captions[index], key=f"{self.paths[index]}:{self.sizes[index]}")
 
 
 class TarShards:
@@ -175,7 +179,7 @@ class TarShards:
             data = tar.extractfile(name).read()
         with Image.open(io.BytesIO(data)) as im:
             image = fit_to_bucket(im.convert("RGB"), self.sizes[index])
-        return Sample(to_tensor(image), caption)
+        return Sample(to_tensor(image), caption, key=f"{self.shards[k]}:{name}:{self.sizes[index]}")
 
 
 class BatchSampler:

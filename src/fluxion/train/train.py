@@ -8,6 +8,7 @@ Reference images of edit pairs enter as extra tokens exactly as at inference; th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -51,6 +52,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
+    # Disk caches of the frozen encoders' outputs under <out>/cache: VAE latents per image, text embeddings per
+    # caption. Each image and caption is then encoded once for the whole run (and across resumed runs).
+    cache_latents: bool = False
+    cache_text: bool = False
     sample_every: int = 0  # write sample images every N steps (0: never)
     sample_prompts: tuple[str, ...] = ("a red heart", "a blue circle in the center")
     sample_steps: int | None = None  # None: the preset's default
@@ -121,21 +126,43 @@ class Frozen:
         self.vae = load_autoencoder(cfg.vae, spec.vae, device=device)
         self.text = load_text_encoder(cfg.text, spec.text, device=device, dtype=torch.float32)
         self.device = device
+        cache = Path(cfg.out) / "cache"
+        self.latent_dir = cache / "latents" if cfg.cache_latents else None
+        self.prompt_cache = None
+        if cfg.cache_text:
+            from fluxion.text.cache import PromptCache
+
+            self.prompt_cache = PromptCache(cache / "text")
 
     @torch.no_grad()
-    def latents(self, images: list[Tensor]) -> tuple[Tensor, int, int]:
-        z = self.vae.encode(torch.stack(images).to(self.device))  # [B, 128, h, w]
+    def latents(self, images: list[Tensor], keys: list[str] | None = None) -> tuple[Tensor, int, int]:
+        """Packed latent tokens [B, h * w, 128] of pixel images; read from / written to the cache by key."""
+        if self.latent_dir is None or not keys or not all(keys):
+            z = self.vae.encode(torch.stack(images).to(self.device))  # [B, 128, h, w]
+            return pack(z), z.shape[2], z.shape[3]
+        from safetensors.torch import load_file, save_file
+
+        paths = [self.latent_dir / (hashlib.sha1(k.encode()).hexdigest() + ".safetensors") for k in keys]
+        missing = [i for i, p in enumerate(paths) if not p.is_file()]
+        if missing:
+            z_new = self.vae.encode(torch.stack([images[i] for i in missing]).to(self.device)).cpu()
+            self.latent_dir.mkdir(parents=True, exist_ok=True)
+            for i, z in zip(missing, z_new):
+                save_file({"z": z.contiguous()}, str(paths[i]))
+        z = torch.stack([load_file(str(p))["z"] for p in paths]).to(self.device)
         return pack(z), z.shape[2], z.shape[3]
 
     @torch.no_grad()
     def context(self, prompts: list[str]) -> Tensor:
+        if self.prompt_cache is not None:
+            return self.prompt_cache.get_or_encode(self.text, prompts, dtype=torch.float32).to(self.device)
         return self.text.encode(prompts, dtype=torch.float32)
 
 
 def make_batch(frozen: Frozen, samples: list[Sample], gen: torch.Generator, cfg: TrainConfig) -> dict:
     """Everything one step needs, on the device. Each rank passes its own generator (its own RNG stream)."""
     device = frozen.device
-    x0, h, w = frozen.latents([s.image for s in samples])
+    x0, h, w = frozen.latents([s.image for s in samples], [s.key for s in samples])
     B = x0.shape[0]
     drop = torch.rand(B, generator=gen, device=device) < cfg.caption_dropout
     prompts = ["" if d else s.caption for s, d in zip(samples, drop.tolist())]
@@ -151,7 +178,9 @@ def make_batch(frozen: Frozen, samples: list[Sample], gen: torch.Generator, cfg:
     if samples[0].refs:
         grids, tokens = [], []
         for k in range(len(samples[0].refs)):
-            r, rh, rw = frozen.latents([s.refs[k] for s in samples])
+            r, rh, rw = frozen.latents(
+                [s.refs[k] for s in samples], [s.ref_keys[k] if s.ref_keys else "" for s in samples]
+            )
             tokens.append(r)
             grids.append((rh, rw))
         batch["refs"] = torch.cat(tokens, dim=1)

@@ -297,6 +297,12 @@ def data_main(args: argparse.Namespace) -> int:
     return tinyset_main(args.args)
 
 
+def eval_main(args: argparse.Namespace) -> int:
+    from fluxion.evaluate import main as evaluate_main
+
+    return evaluate_main(args.args[1:] if args.args[:1] == ["--"] else args.args)
+
+
 def interactive_main(args: argparse.Namespace, inp: TextIO | None = None, out: TextIO | None = None) -> int:
     outdir = Path(args.outdir) if args.outdir else Path(tempfile.mkdtemp(prefix="fluxion-"))
     settings = {
@@ -547,6 +553,18 @@ COMMANDS: dict[str, Command] = {
                 "args",
                 nargs=argparse.REMAINDER,
                 help="fetch DEST | build SOURCES OUT [options]; see --help of each",
+            )
+        ],
+    ),
+    "eval": Command(
+        eval_main,
+        "evaluate a model (default: the embedded fluxion-tiny): OCR typography, colour, recognisability, "
+        "editing, speed; prints figures and writes JSON",
+        [
+            opt(
+                "args",
+                nargs=argparse.REMAINDER,
+                help="options of the evaluation; see `fluxion eval -- --help`",
             )
         ],
     ),

@@ -198,7 +198,7 @@ class DoubleStreamBlock(nn.Module):
         self,
         img: Tensor,
         txt: Tensor,
-        pe: tuple[Tensor, Tensor],
+        pe: Tensor,
         mod_img: list[Mod],
         mod_txt: list[Mod],
         kv: _KVStep | None = None,
@@ -239,7 +239,7 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = SwiGLU()
 
     def forward(
-        self, x: Tensor, pe: tuple[Tensor, Tensor], mod: Mod, num_txt: int, kv: _KVStep | None = None
+        self, x: Tensor, pe: Tensor, mod: Mod, num_txt: int, kv: _KVStep | None = None
     ):
         """x [B, L_txt + N, D] (text first) -> same shape."""
         qkv, mlp = self.linear1(modulate(x, self.pre_norm, mod)).split(

@@ -141,7 +141,9 @@ def test_merge_unmerge_and_remove():
     remove_lora(m)
     assert not any(isinstance(x, LoRALinear) for x in m.modules())
     assert m.state_dict().keys() == before.keys()
-    assert (forward(m) - base).abs().max() <= 1e-6
+    assert (
+        forward(m) - base
+    ).abs().max() <= TOL  # weights restored to ~3e-8 (fp32 rounding of the subtracted delta)
 
 
 def test_stacked_loras_with_weights():

@@ -238,9 +238,7 @@ class SingleStreamBlock(nn.Module):
         self.pre_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.mlp_act = SwiGLU()
 
-    def forward(
-        self, x: Tensor, pe: Tensor, mod: Mod, num_txt: int, kv: _KVStep | None = None
-    ):
+    def forward(self, x: Tensor, pe: Tensor, mod: Mod, num_txt: int, kv: _KVStep | None = None):
         """x [B, L_txt + N, D] (text first) -> same shape."""
         qkv, mlp = self.linear1(modulate(x, self.pre_norm, mod)).split(
             [3 * x.shape[-1], 2 * self.mlp_hidden], dim=-1

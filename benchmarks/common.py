@@ -116,19 +116,9 @@ def build_ours_quantized(cfg: TransformerConfig, kind: str, device="cuda", seed:
 
 
 def diffusers_kwargs(cfg: TransformerConfig) -> dict:
-    return dict(
-        in_channels=cfg.in_channels,
-        num_layers=cfg.num_double_blocks,
-        num_single_layers=cfg.num_single_blocks,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.context_in_dim,
-        timestep_guidance_channels=cfg.time_channels,
-        mlp_ratio=cfg.mlp_ratio,
-        axes_dims_rope=cfg.axes_dim,
-        rope_theta=cfg.theta,
-        guidance_embeds=cfg.use_guidance_embed,
-    )
+    from fluxion.weights.load import diffusers_transformer_config
+
+    return {k: v for k, v in diffusers_transformer_config(cfg).items() if not k.startswith("_")}
 
 
 def build_diffusers_sharing(ours: Flux2):

@@ -103,20 +103,9 @@ def randomize_vae(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def _diffusers_transformer_kwargs(spec: ModelSpec) -> dict:
-    cfg = spec.transformer
-    return dict(
-        in_channels=cfg.in_channels,
-        num_layers=cfg.num_double_blocks,
-        num_single_layers=cfg.num_single_blocks,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.context_in_dim,
-        timestep_guidance_channels=cfg.time_channels,
-        mlp_ratio=cfg.mlp_ratio,
-        axes_dims_rope=cfg.axes_dim,
-        rope_theta=cfg.theta,
-        guidance_embeds=cfg.use_guidance_embed,
-    )
+    from fluxion.weights.load import diffusers_transformer_config  # the config.json our converter writes
+
+    return {k: v for k, v in diffusers_transformer_config(spec.transformer).items() if not k.startswith("_")}
 
 
 @dataclass

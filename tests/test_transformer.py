@@ -10,6 +10,7 @@ from diffusers import Flux2Transformer2DModel
 from fluxion.config import PRESETS, TransformerConfig
 from fluxion.model.transformer import Flux2
 from fluxion.weights import mapping
+from fluxion.weights.load import diffusers_transformer_config
 
 TOL = 1e-5  # fp32; the two implementations differ only in rounding order (RoPE fp64 vs fp32, RMSNorm).
 
@@ -30,19 +31,8 @@ def diffusers_model(cfg: TransformerConfig) -> Flux2Transformer2DModel:
 
 
 def _diffusers_kwargs(cfg):
-    return dict(
-        in_channels=cfg.in_channels,
-        num_layers=cfg.num_double_blocks,
-        num_single_layers=cfg.num_single_blocks,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.context_in_dim,
-        timestep_guidance_channels=cfg.time_channels,
-        mlp_ratio=cfg.mlp_ratio,
-        axes_dims_rope=cfg.axes_dim,
-        rope_theta=cfg.theta,
-        guidance_embeds=cfg.use_guidance_embed,
-    )
+    # The config.json fluxion writes for diffusers: building diffusers' model from it also checks that file.
+    return {k: v for k, v in diffusers_transformer_config(cfg).items() if not k.startswith("_")}
 
 
 def randomize(model):

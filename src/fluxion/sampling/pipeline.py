@@ -10,7 +10,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -110,6 +110,24 @@ def _prompts(request: Request) -> list[str]:
     return [p for p in prompts for _ in range(request.num_images)]
 
 
+def _seeds(request: Request, batch: int) -> list[int]:
+    """Image i of each prompt uses seed + i; a missing seed is drawn (and reported in the results)."""
+    seed = request.seed if request.seed is not None else random.randrange(2**32)
+    return [seed + i for i in range(request.num_images)] * (batch // request.num_images)
+
+
+def _conditioning(models: Models, request: Request, guidance: Guidance, prompts: list[str], refs, ref_ids):
+    """Prompt (and, for true CFG, negative prompt) embeddings plus references, for a batch of len(prompts)."""
+    B, device = len(prompts), models.device
+    ctx = encode_prompts(models, prompts)
+    neg = None
+    if guidance.mode == "cfg":  # one negative for the whole batch: encode it once
+        neg = encode_prompts(models, [request.negative_prompt]).expand(B, -1, -1)
+    return Conditioning(
+        ctx=ctx, ctx_ids=text_ids(ctx.shape[1], B, device), neg_ctx=neg, refs=refs, ref_ids=ref_ids
+    )
+
+
 def encode_prompts(models: Models, prompts: list[str]) -> Tensor:
     """[B, L, C_txt] in the transformer dtype, through the prompt cache when there is one (which also serves
     cached prompts after `release_text_encoder`)."""
@@ -187,13 +205,9 @@ def generate(
             f"{len(request.references)} reference images given; {spec.name} takes at most {spec.max_references}"
         )
     prompts = _prompts(request)
-    seed = request.seed if request.seed is not None else random.randrange(2**32)
-    seeds = [seed + i for i in range(request.num_images)] * (len(prompts) // request.num_images)
     B = len(prompts)
-
-    ctx = encode_prompts(models, prompts)
+    seeds = _seeds(request, B)
     _warn_ignored(spec, request, guidance)
-    neg = encode_prompts(models, [request.negative_prompt] * B) if guidance.mode == "cfg" else None
     refs = ref_ids = None
     if request.references:
         prepared = prepare_references(
@@ -206,9 +220,7 @@ def generate(
     f = spec.vae.downsample_factor
     h, w = gh // f, gw // f
     x = draw_noise(spec, seeds, h, w, device, dtype, request.generator_device)
-    cond = Conditioning(
-        ctx=ctx, ctx_ids=text_ids(ctx.shape[1], B, device), neg_ctx=neg, refs=refs, ref_ids=ref_ids
-    )
+    cond = _conditioning(models, request, guidance, prompts, refs, ref_ids)
     timesteps = get_schedule(steps, h * w)
     x = _run(
         models, x, image_ids(h, w, batch=B, device=device), cond, timesteps, guidance, progress, preview, h, w
@@ -285,8 +297,7 @@ def inpaint(
     _warn_ignored(spec, request, guidance)
     prompts = _prompts(request)
     B = len(prompts)
-    seed = request.seed if request.seed is not None else random.randrange(2**32)
-    seeds = [seed + i for i in range(request.num_images)] * (B // request.num_images)
+    seeds = _seeds(request, B)
 
     with _on_device(models, models.vae):
         x0 = pack(models.vae.encode(src.to(device))).to(dtype).expand(B, -1, -1)  # [B, N, 128]
@@ -304,17 +315,14 @@ def inpaint(
     start = int(max(steps - min(steps * strength, steps), 0))  # the SD3-style truncation diffusers uses
     timesteps = full[start:]
     noise = draw_noise(spec, seeds, h, w, device, dtype, request.generator_device)
-    x = (timesteps[0] * noise.float() + (1 - timesteps[0]) * x0.float()).to(dtype)
+    noise_f, x0_f = noise.float(), x0.float()  # the source noised to time t: t * noise + (1 - t) * x0
+    x = (timesteps[0] * noise_f + (1 - timesteps[0]) * x0_f).to(dtype)
 
     def keep_source(i: int, t_next: float, x: Tensor) -> Tensor:
-        source_t = (t_next * noise.float() + (1 - t_next) * x0.float()).to(dtype)
+        source_t = (t_next * noise_f + (1 - t_next) * x0_f).to(dtype)
         return (1 - mask_tok) * source_t + mask_tok * x
 
-    ctx = encode_prompts(models, prompts)
-    neg = encode_prompts(models, [request.negative_prompt] * B) if guidance.mode == "cfg" else None
-    cond = Conditioning(
-        ctx=ctx, ctx_ids=text_ids(ctx.shape[1], B, device), neg_ctx=neg, refs=refs, ref_ids=ref_ids
-    )
+    cond = _conditioning(models, request, guidance, prompts, refs, ref_ids)
     x = _run(
         models,
         x,
@@ -363,10 +371,6 @@ def request_from_params(params: dict, **overrides) -> Request:
     known = {f for f in Request.__dataclass_fields__} - {"references"}
     values = {k: v for k, v in params.items() if k in known and v is not None}
     return replace(Request(prompt=params["prompt"]), **{**values, **overrides})
-
-
-def result_dict(result: Result) -> dict:
-    return {"seed": result.seed, **asdict(result)["params"]}
 
 
 def embedded_model_dir(name: str = "fluxion-tiny"):

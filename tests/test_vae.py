@@ -10,6 +10,7 @@ from fluxion.config import DEBUG_VAE, FLUX2_AE
 from fluxion.vae.autoencoder import AutoEncoder, patchify, unpatchify
 from fluxion.vae.tiling import tile_starts, tiled_decode, tiled_encode
 from fluxion.weights.vae_mapping import vae_bfl_to_diffusers, vae_diffusers_to_bfl
+from pipeline_fixtures import randomize_vae
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -18,31 +19,17 @@ DIF_SMALL = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_n
 TOL = 1e-4
 
 
-def _randomise(model: torch.nn.Module, seed: int) -> None:
-    """Make every tensor distinct: default GroupNorm affines are all 1/0, so a swapped norm would go unnoticed;
-    give the latent BN non-trivial statistics so the normaliser is actually exercised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.add_(0.02 * torch.randn(p.shape, generator=g))
-        model.bn.running_mean.copy_(0.5 * torch.randn(model.bn.running_mean.shape, generator=g))
-        model.bn.running_var.copy_(0.5 + torch.rand(model.bn.running_var.shape, generator=g))
-
-
 def _diffusers_vae(seed: int = 0):
     torch.manual_seed(seed)
     dif = diffusers.AutoencoderKLFlux2(**DIF_SMALL).eval()
-    _randomise(dif, seed)
+    randomize_vae(dif, seed)
     return dif
 
 
 def _ours(seed: int = 0) -> AutoEncoder:
     torch.manual_seed(seed)
     ae = AutoEncoder(DEBUG_VAE).eval()
-    _randomise(ae, seed)
+    randomize_vae(ae, seed)
     return ae
 
 

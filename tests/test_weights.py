@@ -170,22 +170,11 @@ def test_guidance_mismatch_names_the_klein_preset(tmp_path):
         load_transformer(path, preset=SMALL)
 
 
-def _small_diffusers_vae():
-    from diffusers import AutoencoderKLFlux2
-
-    torch.manual_seed(1)
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=8
-    ).eval()
-    vae.bn.running_mean.normal_()
-    vae.bn.running_var.uniform_(0.5, 2.0)
-    return vae
-
-
 def test_autoencoder_from_diffusers_folder_and_convert_round_trip(tmp_path):
     from fluxion.weights.load import load_autoencoder
+    from test_vae import _diffusers_vae
 
-    ref = _small_diffusers_vae()
+    ref = _diffusers_vae(seed=1)
     ref.save_pretrained(tmp_path / "model" / "vae")
     ae = load_autoencoder(tmp_path / "model", dtype=torch.float32)
     assert ae.cfg.ch == 32 and ae.cfg.ch_mult == (1, 2, 2, 2) and ae.cfg.num_res_blocks == 1

@@ -7,6 +7,7 @@ stated shapes; see docs/BENCHMARKS.md for the method.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -224,6 +225,55 @@ def accuracy(out: torch.Tensor, ref: torch.Tensor) -> dict:
         cosine=torch.nn.functional.cosine_similarity(o, r, dim=0).item(),
         max_rel_err=((o - r).abs().max() / r.abs().max()).item(),
         rel_l2_err=((o - r).norm() / r.norm()).item(),
+    )
+
+
+# ---- profile ------------------------------------------------------------------------------------------------
+
+
+_GEMM = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "f8f8", "scaled_mm", "wgmma")
+_ATTN = ("flash", "fmha", "sdpa", "attention", "attn")
+
+
+def kernel_class(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in _ATTN):
+        return "attention"
+    if any(k in n for k in _GEMM):
+        return "gemm"
+    if n.startswith("triton"):
+        return "triton (fused glue)"
+    return "other"
+
+
+def kernel_breakdown(fn, cuda: bool) -> dict:
+    """Device time of one call of `fn`, summed by kernel class, plus the 15 costliest kernels (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    fn()  # warm (already compiled / captured by the caller)
+    with profile(activities=[activity]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    by_class: dict[str, float] = collections.defaultdict(float)
+    kernels = []
+    for e in prof.key_averages():
+        if cuda and getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue  # CPU-side ops: their device time is the kernels below, counted once there
+        if cuda:
+            us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        else:  # smoke run: CPU self time of each op (checks the script, measures nothing)
+            us = e.self_cpu_time_total
+        if us <= 0:
+            continue
+        by_class[kernel_class(e.key)] += us / 1e3
+        kernels.append((us / 1e3, e.count, e.key[:120]))
+    kernels.sort(reverse=True)
+    return dict(
+        total_ms=round(sum(by_class.values()), 3),
+        by_class_ms={k: round(v, 3) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+        top=[dict(ms=round(ms, 3), calls=c, name=n) for ms, c, n in kernels[:15]],
     )
 
 

@@ -211,3 +211,41 @@ def test_cuda_graphs_replay_new_inputs():
         args = inputs("cuda", torch.bfloat16, seed=seed, side=16, n_txt=64)
         set_attention_backend(attention_backend("cudnn"))
         assert cosine(acc(*args), model(*args)) > 0.9999
+
+
+# ---- autoencoder -------------------------------------------------------------------------------------------
+
+
+def _vae(seed=0):
+    from fluxion.config import DEBUG_VAE
+    from fluxion.vae.autoencoder import AutoEncoder
+    from pipeline_fixtures import randomize_vae
+
+    torch.manual_seed(seed)
+    return randomize_vae(AutoEncoder(DEBUG_VAE).eval(), seed)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(channels_last=True),
+        dict(compile=True, compile_backend="aot_eager"),
+        pytest.param(
+            dict(compile=True, channels_last=True), marks=pytest.mark.slow, id="inductor+channels_last"
+        ),
+    ],
+    ids=str,
+)
+@torch.no_grad()
+def test_apply_vae_matches_the_plain_path(opts):
+    from fluxion.accel import VAEAccelOptions, apply_vae
+
+    plain, fast = _vae(), _vae()
+    keys = list(plain.state_dict())
+    assert apply_vae(fast, VAEAccelOptions(**opts)) is fast and list(fast.state_dict()) == keys
+    img = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    z_ref, z = plain.encode(img), fast.encode(img)
+    torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.decode(z_ref), plain.decode(z_ref), atol=1e-5, rtol=1e-5)
+    if opts.get("channels_last"):
+        assert fast.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)

@@ -131,14 +131,34 @@ def test_mistral3_matches_diffusers(mistral3_dir, mistral3, prompts):
     assert diff <= 1e-5
 
 
-def test_layer_major_order_and_dtype(qwen3):
+def test_layer_major_order_and_dtype(qwen3, qwen3_dir):
+    from transformers import Qwen3ForCausalLM
+
     emb = qwen3.encode(PROMPTS[:1], dtype=torch.float32)
     d = TINY_QWEN3.hidden_size
     batch = qwen3.tokenize(PROMPTS[:1])
-    hs = qwen3.backbone(**batch, output_hidden_states=True).hidden_states
+    full = Qwen3ForCausalLM.from_pretrained(qwen3_dir / "text_encoder", dtype=torch.float32).eval()
+    with torch.no_grad():
+        hs = full.model(**batch, output_hidden_states=True).hidden_states  # every layer, as loaded
     for k, layer in enumerate(TINY_QWEN3.hidden_layers):
         torch.testing.assert_close(emb[..., k * d : (k + 1) * d], hs[layer], rtol=0, atol=0)
     assert qwen3.encode(PROMPTS[:1]).dtype == torch.bfloat16  # reference default
+
+
+@pytest.mark.parametrize("taps, pruned", [((1, 2, 3), 1), ((0, 2), 2), ((1, 4), 0)])
+def test_layers_after_the_last_tap_are_dropped_losslessly(qwen3_dir, taps, pruned):
+    """4-layer model: taps up to 3 need layers 0..2; a tap on hidden_states[4] (after the final norm) keeps all."""
+    from transformers import Qwen3ForCausalLM
+
+    cfg = dataclasses.replace(TINY_QWEN3, hidden_layers=taps)
+    enc = load_text_encoder(qwen3_dir, cfg, dtype=torch.float32)
+    assert enc.pruned_layers == pruned and len(enc.backbone.layers) == 4 - pruned
+    full = Qwen3ForCausalLM.from_pretrained(qwen3_dir / "text_encoder", dtype=torch.float32).eval()
+    batch = enc.tokenize(PROMPTS)
+    with torch.no_grad():
+        hs = full.model(**batch, output_hidden_states=True).hidden_states
+    ref = torch.stack([hs[i] for i in taps], dim=1).permute(0, 2, 1, 3).flatten(2)
+    assert torch.equal(enc.encode(PROMPTS, dtype=torch.float32), ref)
 
 
 def test_missing_files_name_the_path(tmp_path, qwen3_dir):

@@ -237,12 +237,15 @@ def convert_main(args: argparse.Namespace) -> int:
 
 def train_main(args: argparse.Namespace) -> int:
     from fluxion.train.recipes import load_recipe_file
-    from fluxion.train.train import run_stages
+    from fluxion.train.train import run_stages, shutdown_distributed
 
-    summary = run_stages(load_recipe_file(args.recipe))
-    print(
-        f"trained {summary['steps']} steps, final loss {summary['final_loss']:.4f}; exported {summary['exported']}"
-    )
+    try:  # also under torchrun: every rank leaves its process group before the interpreter exits
+        summary = run_stages(load_recipe_file(args.recipe))
+    finally:
+        shutdown_distributed()
+    loss = summary["final_loss"]
+    loss = "n/a (no step left to run)" if loss is None else f"{loss:.4f}"
+    print(f"trained {summary['steps']} steps, final loss {loss}; exported {summary['exported']}")
     return 0
 
 

@@ -71,9 +71,8 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, list) else x
 
 
-def export_weights(out: Path, model, ema, cfg, rank: int) -> Path | None:
-    """Write the trained weights once, in BFL names: `transformer.safetensors` (the EMA weights when EMA is on),
-    or `lora.safetensors` for a LoRA run. Collective: every rank calls it, rank 0 writes."""
+def _export(out: Path, model, ema, cfg, rank: int) -> Path | None:
+    """`transformer.safetensors` (the EMA weights when EMA is on), or `lora.safetensors` for a LoRA run."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     full = get_model_state_dict(model, options=options)
     if ema is not None:
@@ -103,3 +102,12 @@ def export_weights(out: Path, model, ema, cfg, rank: int) -> Path | None:
         {k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"fluxion_model": cfg.model}
     )
     return path
+
+
+def export_weights(out: Path, model, ema, cfg, rank: int) -> Path | None:
+    """Write the trained weights once, in BFL names (see `_export`). Collective: every rank calls it, rank 0
+    writes, and no rank returns before the file is complete."""
+    try:
+        return _export(out, model, ema, cfg, rank)
+    finally:
+        _barrier()

@@ -8,6 +8,7 @@ Reference images of edit pairs enter as extra tokens exactly as at inference; th
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -230,6 +231,22 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly, while the interpreter is fully alive.
+
+    FSDP2's module state refers to the process group through reference cycles, so without a collection here the
+    gloo group (and its worker threads, which may still hold finished work objects with tensors) is destroyed
+    during interpreter finalization, where a thread that needs the GIL aborts the process ("terminate called
+    without an active exception", seen once in CI on rank 1 after a clean run). The barrier keeps the ranks
+    in step: none tears its group down while another still talks to it.
+    """
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    gc.collect()
+
+
 def main(cfg: TrainConfig) -> dict:
     """Train; returns a summary (final loss, steps, seconds, exported file)."""
     from fluxion.train.checkpoint import export_weights, load_train_state, save_train_state
@@ -384,8 +401,9 @@ if __name__ == "__main__":  # torchrun --nproc_per_node N -m fluxion.train.train
 
     from fluxion.train.recipes import load_recipe_file
 
-    summary = run_stages(load_recipe_file(sys.argv[1]))
-    if summary.get("exported"):
-        print(f"exported {summary['exported']}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        summary = run_stages(load_recipe_file(sys.argv[1]))
+        if summary.get("exported"):
+            print(f"exported {summary['exported']}")
+    finally:
+        shutdown_distributed()

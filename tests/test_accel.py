@@ -249,3 +249,18 @@ def test_apply_vae_matches_the_plain_path(opts):
     torch.testing.assert_close(fast.decode(z_ref), plain.decode(z_ref), atol=1e-5, rtol=1e-5)
     if opts.get("channels_last"):
         assert fast.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def test_compiled_rope_real_form_equals_complex_form():
+    """Under compile (inference) apply_rope takes a real-arithmetic form inductor can fuse; same rotation."""
+    from fluxion.model.attention import apply_rope, rope
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (2, 24, 4), generator=g)
+    pe = rope(ids, (8, 8, 8, 8), 2000)
+    x = torch.randn(2, 3, 24, 32, generator=g)
+    eager = apply_rope(x, pe)
+    traced = torch.compile(apply_rope, backend="aot_eager", fullgraph=True)(x, pe)
+    torch.testing.assert_close(traced, eager, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(eager, x)  # it does rotate

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 import tempfile
@@ -119,12 +120,12 @@ def load(args: argparse.Namespace):
 
     from fluxion.sampling.pipeline import load_models
 
-    try:  # our own progress bar is enough; transformers would add one per text-encoder load
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    # Our own progress bar is enough; transformers would add one per text-encoder load. It reads this switch
+    # when first imported; importing it here just to turn the bar off would cost ~2.5 s on the embedded
+    # model's path, which never imports it (text/minilm.py).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     models = load_models(

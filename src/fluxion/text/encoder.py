@@ -6,7 +6,7 @@ One class serves all three kinds; what differs per kind is a handful of facts (s
 |----------|-----------------------------------|------------------------------------|---------|----------------|
 | mistral3 | Mistral3ForConditionalGeneration  | system + user turn, chat template  | left    | from template  |
 | qwen3    | Qwen3ForCausalLM                  | user turn, empty think block       | right   | tokenizer's    |
-| minilm   | BertModel (all-MiniLM-L6-v2)      | the raw prompt                     | right   | [CLS] ... [SEP]|
+| minilm   | text/minilm.py (a BERT, HF keys)  | the raw prompt                     | right   | [CLS] ... [SEP]|
 
 The output has no mask: padding positions are part of the conditioning (spec 5.4).
 """
@@ -44,7 +44,7 @@ def _backbone(model: nn.Module, kind: str) -> nn.Module:
         return model.model.language_model  # Mistral3ForConditionalGeneration -> Mistral3Model -> MistralModel
     if kind == "qwen3":
         return model.model  # Qwen3ForCausalLM -> Qwen3Model
-    return model  # minilm: AutoModel already gives the bare BertModel
+    return model  # minilm: text/minilm.py is the bare encoder already
 
 
 class TextEncoder:
@@ -195,6 +195,10 @@ def _processor_chat_template(tok_dir: Path) -> str | None:
 
 
 def _load_tokenizer(tok_dir: Path, kind: str) -> Any:
+    if kind == "minilm":  # fluxion-tiny: no transformers import on the embedded model's path (text/minilm.py)
+        from fluxion.text.minilm import MiniLMTokenizer
+
+        return MiniLMTokenizer(_require(tok_dir / "tokenizer.json", "MiniLM tokenizer"))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
@@ -213,12 +217,15 @@ def _load_tokenizer(tok_dir: Path, kind: str) -> Any:
 
 
 def _load_model(model_dir: Path, kind: str, dtype: torch.dtype) -> nn.Module:
+    if kind == "minilm":
+        from fluxion.text.minilm import MiniLM
+
+        return MiniLM.from_folder(model_dir, dtype)
     import transformers
 
     cls = {
         "mistral3": transformers.Mistral3ForConditionalGeneration,
         "qwen3": transformers.Qwen3ForCausalLM,
-        "minilm": transformers.AutoModel,
     }[kind]
     return cls.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
 

@@ -28,7 +28,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    fluxion = [sys.executable, "-m", "fluxion.cli"]
+    # The console script the README runs (beside this interpreter), else the module.
+    script = Path(sys.executable).with_name("fluxion")
+    fluxion = [str(script)] if script.is_file() else [sys.executable, "-m", "fluxion.cli"]
     cold = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):
@@ -57,6 +59,7 @@ def main() -> None:
         env=environment(),
         cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
+        command=" ".join(fluxion),
         cold_command_s=[round(s, 2) for s in cold],
         cold_command_median_s=round(statistics.median(cold), 2),
         load_models_s=round(load_s, 2),

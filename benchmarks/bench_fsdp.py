@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from common import default_dtype, environment, forward_flops, init_random_, out_dir, small_cfg
+from common import default_dtype, environment, forward_flops, init_random_, out_dir, small_cfg, time_cuda
 
 from fluxion.config import PRESETS
 from fluxion.model.transformer import Flux2
@@ -79,28 +78,9 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    for _ in range(3):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            import time
-
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    ms = torch.tensor([statistics.median(times)], device=device)
-    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=device)
+    timing = time_cuda(step, warmup=3, iters=args.steps)  # CUDA events; host clock on the CPU smoke run
+    ms = torch.tensor([timing["ms"]], device=device)
+    peak = torch.tensor([timing["peak_gib"]], device=device)
     all_ms = [torch.zeros_like(ms) for _ in range(world)]
     all_peak = [torch.zeros_like(peak) for _ in range(world)]
     dist.all_gather(all_ms, ms)

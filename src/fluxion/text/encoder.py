@@ -132,9 +132,8 @@ def _prune_after_last_tap(backbone: nn.Module, cfg: TextEncoderConfig) -> int:
     """
     depth = backbone.config.num_hidden_layers
     last = max(cfg.hidden_layers)
-    if (
-        cfg.kind == "minilm" or last >= depth
-    ):  # BERT has no final norm to bypass; a tap on the last layer: keep all
+    # BERT (minilm) has no final norm to bypass; a tap on hidden_states[depth] needs every layer.
+    if cfg.kind == "minilm" or last >= depth:
         return 0
     backbone.layers = nn.ModuleList(list(backbone.layers)[:last])
     backbone.norm = nn.Identity()

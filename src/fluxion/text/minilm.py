@@ -49,8 +49,10 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        # Saved in the checkpoint (old transformers made it persistent); always arange, checked at load.
-        self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings)[None], persistent=True)
+        # Old transformers saved this arange in the checkpoint; `from_folder` checks it and drops it.
+        self.register_buffer(
+            "position_ids", torch.arange(cfg.max_position_embeddings)[None], persistent=False
+        )
 
     def forward(self, input_ids: Tensor) -> Tensor:
         L = input_ids.shape[1]
@@ -150,27 +152,23 @@ class MiniLM(nn.Module):
 
     @classmethod
     def from_folder(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> MiniLM:
-        """config.json + model.safetensors, strictly: a missing or unexpected key is an error naming it."""
+        """config.json + model.safetensors, strictly: missing, unexpected or mis-shaped keys are an error."""
         from safetensors.torch import load_file
+
+        from fluxion.weights.load import check_state_dict
 
         folder = Path(folder)
         cfg = BertConfig.from_json(folder / "config.json")
-        with torch.device("meta"):
+        with torch.device("meta"):  # no random init of weights that are overwritten next (start-up time)
             model = cls(cfg)
-        sd = load_file(str(folder / "model.safetensors"))
-        sd = {k.removeprefix("bert."): v for k, v in sd.items()}
-        ids = sd.get("embeddings.position_ids")
+        sd = {k.removeprefix("bert."): v for k, v in load_file(str(folder / "model.safetensors")).items()}
+        ids = sd.pop("embeddings.position_ids", None)
         if ids is not None and not torch.equal(ids.flatten(), torch.arange(ids.numel(), dtype=ids.dtype)):
             raise ValueError(f"{folder}: embeddings.position_ids is not 0..{ids.numel() - 1}")
-        sd["embeddings.position_ids"] = torch.arange(cfg.max_position_embeddings)[None]
-        expected, got = set(model.state_dict()), set(sd)
-        if expected != got:
-            raise ValueError(
-                f"{folder / 'model.safetensors'} is not an all-MiniLM-L6-v2 BERT checkpoint: "
-                f"missing {sorted(expected - got)[:8]}, unexpected {sorted(got - expected)[:8]}"
-            )
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        check_state_dict(model, sd, f"{folder / 'model.safetensors'} (expected all-MiniLM-L6-v2)")
+        sd = {k: v.to(dtype) for k, v in sd.items()}
         model.load_state_dict(sd, strict=True, assign=True)
+        model.embeddings.position_ids = torch.arange(cfg.max_position_embeddings)[None]  # was meta
         return model.eval().requires_grad_(False)
 
 

@@ -44,7 +44,9 @@ def main() -> None:
             if done.returncode:
                 raise SystemExit(done.stderr)
 
-    from fluxion.sampling.pipeline import Request, generate, load_models
+    from fluxion.request import Request
+    from fluxion.sampling.pipeline import generate
+    from fluxion.weights.models import load_models
 
     t0 = time.perf_counter()
     models = load_models()

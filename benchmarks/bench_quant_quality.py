@@ -24,7 +24,9 @@ from common import environment, out_dir
 from fluxion.evaluate.prompts import colour_set, typography_set
 from fluxion.quant.fp8 import convert_linears
 from fluxion.quant.weight_only import quantize_weight_only
-from fluxion.sampling.pipeline import Request, generate, load_models
+from fluxion.request import Request
+from fluxion.sampling.pipeline import generate
+from fluxion.weights.models import load_models
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fluxion.curate.tinyset import main as tinyset_main
+from fluxion.curate.tinyset.tinyset import main as tinyset_main
 from fluxion.train import recipes
 from fluxion.train.train import main as train_main
 from fluxion.train.vae import main as vae_main

@@ -16,7 +16,8 @@ from PIL import Image
 from fluxion import __version__
 from fluxion.cli import COMMANDS, main, output_paths
 from fluxion.metadata import read_params, save_png
-from fluxion.sampling import pipeline as P
+from fluxion.request import Result
+from fluxion.weights import models as M
 from fluxion.weights.safetensors_io import load_folder_weights, load_safetensors
 from pipeline_fixtures import KLEIN, build_bfl_files, register_specs
 
@@ -129,9 +130,7 @@ def test_from_reruns_an_image(tmp_path, model_args, capsys):
 
 def test_metadata_round_trip_and_errors(tmp_path):
     prompt = "ein Café am Meer, 夕焼け"  # not Latin-1: stored as iTXt
-    result = P.Result(
-        Image.new("RGB", (64, 64)), 42, {"prompt": prompt, "seed": 42, "steps": 4, "model": "m"}
-    )
+    result = Result(Image.new("RGB", (64, 64)), 42, {"prompt": prompt, "seed": 42, "steps": 4, "model": "m"})
     path = save_png(result, tmp_path / "sub" / "x.png")
     assert read_params(path) == {**result.params, "fluxion_version": __version__}
     assert Image.open(path).text["prompt"] == prompt
@@ -304,7 +303,7 @@ def test_bad_input_is_one_line_and_exit_2(case, bad_files, model_args, capsys):
 
 
 def test_missing_model_messages(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(P, "embedded_model_dir", lambda name="fluxion-tiny": None)
+    monkeypatch.setattr(M, "embedded_model_dir", lambda name="fluxion-tiny": None)
     code, _, err = run(capsys, "generate", "x", "-o", tmp_path / "o.png")
     assert code == 2 and err.count("\n") == 1 and "no embedded model; pass --model" in err
     code, _, err = run(

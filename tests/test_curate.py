@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxion.curate.colors import color_name, contrast, hex_to_rgb
-from fluxion.curate.sources import load_emoji_pack, load_sources, write_emoji_pack
-from fluxion.curate.tinyset import PlanConfig, build_tinyset, main
+from fluxion.curate.tinyset.colors import color_name, contrast, hex_to_rgb
+from fluxion.curate.tinyset.sources import load_emoji_pack, load_sources, write_emoji_pack
+from fluxion.curate.tinyset.tinyset import PlanConfig, build_tinyset, main
 
 FONT_CANDIDATES = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",

@@ -6,7 +6,7 @@ from importlib.util import find_spec
 import numpy as np
 import pytest
 
-from fluxion.curate.colors import hex_to_rgb
+from fluxion.curate.tinyset.colors import hex_to_rgb
 from fluxion.evaluate import metrics, prompts
 from fluxion.evaluate.scorer import (
     HELDOUT_CATEGORIES,

@@ -22,6 +22,7 @@ from PIL import Image
 from fluxion.editing.references import InputImageError
 from fluxion.sampling import pipeline as P
 from fluxion.sampling.schedule import get_schedule
+from fluxion.weights.models import load_models
 from pipeline_fixtures import (
     DEV,
     KLEIN,
@@ -56,7 +57,7 @@ def klein(tmp_path_factory):
     """(diffusers components, our Models) for the klein-shaped tiny model (Qwen3 text encoder)."""
     folder = tmp_path_factory.mktemp("klein")
     comps = build_diffusers_folder(folder, KLEIN, seed=0)
-    return comps, P.load_models(str(folder), preset=KLEIN.name)
+    return comps, load_models(str(folder), preset=KLEIN.name)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def dev(tmp_path_factory):
     """The dev-shaped tiny model: guidance embedder, Mistral3 text encoder."""
     folder = tmp_path_factory.mktemp("dev")
     comps = build_diffusers_folder(folder, DEV, seed=1)
-    return comps, P.load_models(str(folder), preset=DEV.name)
+    return comps, load_models(str(folder), preset=DEV.name)
 
 
 def with_spec(models: P.Models, spec) -> P.Models:

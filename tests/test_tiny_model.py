@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxion.curate.colors import hex_to_rgb
-from fluxion.curate.typography import SHAPES, render_scene
+from fluxion.curate.tinyset.colors import hex_to_rgb
+from fluxion.curate.tinyset.typography import SHAPES, render_scene
 from fluxion.evaluate import metrics
-from fluxion.sampling.pipeline import Request, embedded_model_dir, generate, load_models
+from fluxion.request import Request
+from fluxion.sampling.pipeline import generate
+from fluxion.weights.models import embedded_model_dir, load_models
 
 pytestmark = [
     pytest.mark.skipif(embedded_model_dir() is None, reason="this build has no embedded fluxion-tiny"),

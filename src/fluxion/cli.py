@@ -10,7 +10,7 @@
     fluxion convert flux-2-klein-4b.safetensors klein/transformer --to diffusers
 
 Several outputs are numbered in the order prompts x images per prompt: OUT.png, OUT-1.png, OUT-2.png, ...; each
-PNG carries its own prompt and seed (fluxion.metadata). Sampling flags map 1:1 onto `pipeline.Request` fields.
+PNG carries its own prompt and seed (fluxion.metadata). Sampling flags map 1:1 onto `fluxion.request.Request` fields.
 
 Adding a subcommand = one `*_main(args)` function plus one entry in COMMANDS (help text and options). Each
 `*_main` reads its inputs, calls one library function and writes the outputs. Errors the user can fix
@@ -118,7 +118,7 @@ def load(args: argparse.Namespace):
     """Models from the model options (the embedded model when --model is not given)."""
     import torch
 
-    from fluxion.sampling.pipeline import load_models
+    from fluxion.weights.models import load_models
 
     # Our own progress bar is enough; transformers would add one per text-encoder load. It reads this switch
     # when first imported; importing it here just to turn the bar off would cost ~2.5 s on the embedded
@@ -147,7 +147,7 @@ def load(args: argparse.Namespace):
 def build_request(args: argparse.Namespace, prompts: list[str], references=()):
     """A Request from the sampling flags; with --from, from the PNG's parameters with the flags on top."""
     from fluxion.metadata import read_params
-    from fluxion.sampling.pipeline import Request, request_from_params
+    from fluxion.request import Request, request_from_params
 
     # Flags not given are None (store_true ones False): those leave the model default or the stored value.
     given = {k: v for k in REQUEST_FIELDS if (v := getattr(args, k, None)) is not None and v is not False}
@@ -252,9 +252,9 @@ def train_main(args: argparse.Namespace) -> int:
 
 def train_lora_main(args: argparse.Namespace) -> int:
     """A LoRA on a folder of captioned images (image.png + image.txt), starting from a model's weights."""
-    from fluxion.sampling.pipeline import embedded_model_dir, resolve_preset
     from fluxion.train.train import TrainConfig
     from fluxion.train.train import main as train
+    from fluxion.weights.models import embedded_model_dir, resolve_preset
 
     if args.model in (None, "fluxion-tiny"):
         folder = embedded_model_dir()
@@ -296,7 +296,7 @@ def train_lora_main(args: argparse.Namespace) -> int:
 
 
 def data_main(args: argparse.Namespace) -> int:
-    from fluxion.curate.tinyset import main as tinyset_main
+    from fluxion.curate.tinyset.tinyset import main as tinyset_main
 
     return tinyset_main(args.args)
 
@@ -363,7 +363,8 @@ def _size(text: str) -> tuple[int, int]:
 def run_repl(models, inp: TextIO, out: TextIO, outdir: Path, settings: dict) -> list[Path]:
     """Read commands and prompts line by line from `inp`; outputs go to `outdir` as $1, $2, ... (returned)."""
     from fluxion.metadata import save_png
-    from fluxion.sampling.pipeline import Request, generate
+    from fluxion.request import Request
+    from fluxion.sampling.pipeline import generate
 
     images: list[Path] = []
     print(f"fluxion interactive: {models.spec.name}, outputs in {outdir}; !help for commands", file=out)

@@ -38,7 +38,7 @@ def png_info(params: dict) -> PngInfo:
 
 
 def save_png(result, path: str | Path) -> Path:
-    """Write `result.image` (a `pipeline.Result`) to `path` (.png) with its parameters; returns the path."""
+    """Write `result.image` (a `fluxion.request.Result`) to `path` (.png) with its parameters; returns the path."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: fluxion writes PNG (the parameters go into its metadata); use a .png name")

@@ -1,0 +1,1 @@
+"""Data curation. `tinyset/` builds fluxion-tiny's synthetic training set."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fluxion.curate.colors import hex_to_rgb
+from fluxion.curate.tinyset.colors import hex_to_rgb
 
 # sRGB (D65) -> XYZ, IEC 61966-2-1; the reference white is D65 with Y = 1.
 _SRGB_TO_XYZ = np.array(

@@ -1,13 +1,13 @@
 """The fixed evaluation sets, drawn with fixed seeds from the tinyset's own generators and caption templates.
 
 Each set is a list of plain dicts, reproducible from (size, seed) alone: no dataset and no font file is needed
-to build them. Scenes are specs of `fluxion.curate.typography`, so their exact masks (what is background, what
+to build them. Scenes are specs of `fluxion.curate.tinyset.typography`, so their exact masks (what is background, what
 is shape) come from rendering the spec; shape-only scenes render without any font.
 
 - typography: one short word (3-6 letters, the dataset's word lists and case mix) on a flat background;
 - colour: one shape in the centre (the largest shape size the data has), colours named with their hex;
 - edits: shape scenes with one `recolor_background` or `recolor_shape` edit made by the dataset's own edit
-  code (`fluxion.curate.edits.scene_edits`), so the instruction wording is in distribution;
+  code (`fluxion.curate.tinyset.edits.scene_edits`), so the instruction wording is in distribution;
 - recognition: emoji families held out from the scorer (their names come from the shipped scorer.json).
 """
 
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fluxion.curate.colors import WHITE, describe, hex_to_rgb, sample_color, sample_contrasting
-from fluxion.curate.edits import Plan, scene_edits
-from fluxion.curate.sources import FONTS, Font
-from fluxion.curate.typography import (
+from fluxion.curate.tinyset.colors import WHITE, describe, hex_to_rgb, sample_color, sample_contrasting
+from fluxion.curate.tinyset.edits import Plan, scene_edits
+from fluxion.curate.tinyset.sources import FONTS, Font
+from fluxion.curate.tinyset.typography import (
     ADJECTIVES,
     CENTER_SCALE,
     NOUNS,

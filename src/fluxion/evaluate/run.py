@@ -83,7 +83,8 @@ class Generator:
 
     def __call__(self, name: str, prompt: str, seed: int, refs: tuple = ()) -> np.ndarray:
         """uint8 [H, W, 3] at the model's default size, or for edits at the first reference's size (as the CLI)."""
-        from fluxion.sampling.pipeline import Request, generate
+        from fluxion.request import Request
+        from fluxion.sampling.pipeline import generate
 
         size = refs[0].size if refs else (None, None)
         request = Request(
@@ -158,7 +159,7 @@ def eval_typography(gen: Generator, cfg: EvalConfig) -> dict:
 
 
 def _flat_mask(image: np.ndarray, hex_code: str, erode: int) -> np.ndarray:
-    from fluxion.curate.colors import hex_to_rgb
+    from fluxion.curate.tinyset.colors import hex_to_rgb
 
     return metrics.erode(np.all(image == np.array(hex_to_rgb(hex_code)), axis=-1), erode)
 
@@ -296,7 +297,7 @@ def _edit_summary(items: list[dict]) -> dict:
 
 
 def evaluate(models, cfg: EvalConfig, log=print) -> dict:
-    """Run every section on loaded `models` (pipeline.Models); returns the report (JSON-able)."""
+    """Run every section on loaded `models` (fluxion.weights.models.Models); returns the report (JSON-able)."""
     if cfg.quick:
         cfg = dataclasses.replace(
             cfg, **{k: v for k, v in QUICK.items() if k != "steps" or cfg.steps is None}
@@ -356,7 +357,7 @@ def _hex(rgb) -> str | None:
 
 
 def _rgb(hex_code: str):
-    from fluxion.curate.colors import hex_to_rgb
+    from fluxion.curate.tinyset.colors import hex_to_rgb
 
     return np.array(hex_to_rgb(hex_code))
 
@@ -380,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fluxion.sampling.pipeline import load_models
+    from fluxion.weights.models import load_models
 
     args = build_parser().parse_args(argv)
     try:

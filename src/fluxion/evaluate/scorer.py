@@ -18,7 +18,7 @@ on generated images is read against (`scorer.json` keeps it, per family).
 Reproduce the shipped weights from a full tinyset build (seed 0); the result was bit-identical on rerun, in about
 8 minutes on 2 idle cores (4.5 embedding the 42.6 k captions once, 3.5 training 8 epochs):
 
-    python -m fluxion.curate.tinyset build .tinydata/sources DATA_DIR
+    python -m fluxion.curate.tinyset.tinyset build .tinydata/sources DATA_DIR
     python -m fluxion.evaluate.scorer DATA_DIR src/fluxion/assets/scorer
 """
 
@@ -56,7 +56,7 @@ VENDORS = ("google", "twitter")
 
 def candidate_text(label: str) -> str:
     """How a family is named for retrieval: one of the dataset's own emoji caption templates."""
-    from fluxion.curate.colors import with_article
+    from fluxion.curate.tinyset.colors import with_article
 
     return f"{with_article(label)} emoji"
 

@@ -345,7 +345,9 @@ def write_samples(path: Path, spec: ModelSpec, model, frozen: Frozen, cfg: Train
     runs the forward passes (they are collective); rank 0 writes the file."""
     from PIL import Image
 
-    from fluxion.sampling.pipeline import Models, Request, generate
+    from fluxion.request import Request
+    from fluxion.sampling.pipeline import generate
+    from fluxion.weights.models import Models
 
     was_training = model.training
     model.eval()

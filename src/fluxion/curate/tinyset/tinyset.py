@@ -2,8 +2,8 @@
 
 Two commands (``main``)::
 
-    python -m fluxion.curate.tinyset fetch .tinydata/sources            # needs npm + Debian registries
-    python -m fluxion.curate.tinyset build .tinydata/sources OUT        # offline: PIL + numpy only
+    python -m fluxion.curate.tinyset.tinyset fetch .tinydata/sources            # needs npm + Debian registries
+    python -m fluxion.curate.tinyset.tinyset build .tinydata/sources OUT        # offline: PIL + numpy only
 
 Output directory (what ``train/`` reads)::
 
@@ -33,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fluxion.curate import emoji as emoji_mod
-from fluxion.curate import typography
-from fluxion.curate.colors import WHITE, sample_color
-from fluxion.curate.edits import Plan, compose_edits, scene_edits, skin_tone_edits, vendor_edits
-from fluxion.curate.sources import VENDORS, Sources, fetch_sources, load_emoji_pack, load_sources
+from fluxion.curate.tinyset import emoji as emoji_mod
+from fluxion.curate.tinyset import typography
+from fluxion.curate.tinyset.colors import WHITE, sample_color
+from fluxion.curate.tinyset.edits import Plan, compose_edits, scene_edits, skin_tone_edits, vendor_edits
+from fluxion.curate.tinyset.sources import VENDORS, Sources, fetch_sources, load_emoji_pack, load_sources
 
 FORMAT = "fluxion-tinyset"
 FORMAT_VERSION = 1
@@ -266,7 +266,9 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fluxion.curate.tinyset", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m fluxion.curate.tinyset.tinyset", description=__doc__.split("\n")[0]
+    )
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="download the raw sources (npm + Debian registries)")
     f.add_argument("dest", type=Path)

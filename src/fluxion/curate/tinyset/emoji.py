@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from fluxion.curate.colors import WHITE, color_name, describe, hex_to_rgb, with_article
-from fluxion.curate.sources import NPM_PACKAGES, VENDORS, Sources
+from fluxion.curate.tinyset.colors import WHITE, color_name, describe, hex_to_rgb, with_article
+from fluxion.curate.tinyset.sources import NPM_PACKAGES, VENDORS, Sources
 
 # Fitzpatrick modifiers as keyed in emoji-datasource's skin_variations.
 TONES = {

@@ -13,8 +13,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from fluxion.curate.colors import color_name, describe, sample_color, sample_contrasting, with_article
-from fluxion.curate.sources import Font
+from fluxion.curate.tinyset.colors import color_name, describe, sample_color, sample_contrasting, with_article
+from fluxion.curate.tinyset.sources import Font
 
 SUPERSAMPLE = 4
 TEXT_CONTRAST = 4.5  # WCAG AA for text
@@ -298,7 +298,7 @@ def scene_record(spec: dict, fonts: dict[str, Font], rng: np.random.Generator) -
     rec = {
         "caption": caps[0],
         "alt_captions": caps[1:],
-        "source": "rendered:fluxion.curate.typography",
+        "source": "rendered:fluxion.curate.tinyset.typography",
         "license": "Apache-2.0",
         "kind": "shape" if spec["text"] is None else "typography",
         "layout": spec["layout"],

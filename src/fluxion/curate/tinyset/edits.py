@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fluxion.curate.colors import (
+from fluxion.curate.tinyset.colors import (
     WHITE,
     color_name,
     contrast,
@@ -26,9 +26,9 @@ from fluxion.curate.colors import (
     sample_color,
     with_article,
 )
-from fluxion.curate.emoji import emoji_record, tone_phrase
-from fluxion.curate.sources import Font
-from fluxion.curate.typography import (
+from fluxion.curate.tinyset.emoji import emoji_record, tone_phrase
+from fluxion.curate.tinyset.sources import Font
+from fluxion.curate.tinyset.typography import (
     POSITION_PHRASES,
     POSITIONS,
     SHAPE_CONTRAST,

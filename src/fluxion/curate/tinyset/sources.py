@@ -164,7 +164,7 @@ def load_sources(root: Path) -> Sources:
     if not root.is_dir():
         raise FileNotFoundError(
             f"sources folder {root} does not exist; create it with "
-            f"`python -m fluxion.curate.tinyset fetch {root}` on a machine that reaches npm and Debian"
+            f"`python -m fluxion.curate.tinyset.tinyset fetch {root}` on a machine that reaches npm and Debian"
         )
     emoji_json = root / "emoji" / "emoji.json"
     if not emoji_json.is_file():

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -172,3 +174,25 @@ def test_default_options_and_errors():
         ParallelOptions(cfg=3)
     with pytest.raises(ValueError, match="torch.distributed initialised"):
         apply_parallel(Flux2(CFG), ParallelOptions(ulysses=2))
+
+
+@pytest.mark.slow
+def test_generate_on_two_processes_matches_one():
+    """The library entry of `fluxion generate --gpus 2` (gloo on CPU): the embedded fluxion-tiny (true CFG, so
+    the default layout is CFG-parallel) against the one-process pipeline; a size that cannot split fails cleanly."""
+    from fluxion.accel.launch import generate_on_gpus
+    from fluxion.request import Request
+    from fluxion.sampling.pipeline import generate
+    from fluxion.weights.models import load_models
+
+    request = Request(prompt="a red circle", seed=3, steps=3)
+    want = np.asarray(generate(load_models(), request)[0].image, dtype=np.int16)
+    got = generate_on_gpus(request, 2, device_type="cpu")
+    assert got[0].seed == 3 and got[0].params["prompt"] == "a red circle"
+    diff = np.abs(np.asarray(got[0].image, dtype=np.int16) - want)
+    assert diff.max() <= 1, diff.max()  # fp32 rounding can flip a pixel by one level
+    # An image whose tokens do not split: every rank stops, the error comes back as one line.
+    with pytest.raises(ValueError, match="81 image tokens do not split evenly over 2 ranks"):
+        generate_on_gpus(
+            replace(request, width=144, height=144), 2, device_type="cpu", parallel=ParallelOptions(ulysses=2)
+        )

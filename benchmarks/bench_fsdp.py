@@ -7,7 +7,10 @@
 The trainer's own pieces (`train.parallelize`: per-block `fully_shard` then the root, bf16 compute with fp32
 master weights and fp32 gradient reduction; `flow_matching`), random weights and random cached latents / text
 embeddings of the real shapes (1024²: 4096 image + 512 text tokens), batch `--batch` per GPU, fused AdamW.
-Each rank draws its own noise and times. Rank 0 writes `bench_fsdp_<world>gpu.json` under $OUT.
+Each rank draws its own noise and times. Rank 0 writes `bench_fsdp_<model>_<world>gpu.json` under $OUT. A run
+that runs out of device memory (klein-9B on one GPU: 36 GB fp32 weights + 36 GB gradients + 72 GB AdamW state)
+writes the same file with `"oom": true` and the memory it had reached, and exits with code 3 (torchrun then
+stops the other ranks, which may wait in a collective).
 """
 
 from __future__ import annotations
@@ -78,7 +81,11 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    timing = time_cuda(step, warmup=3, iters=args.steps)  # CUDA events; host clock on the CPU smoke run
+    try:
+        timing = time_cuda(step, warmup=3, iters=args.steps)  # CUDA events; host clock on the CPU smoke run
+    except torch.cuda.OutOfMemoryError as e:
+        report_oom(args, model, rank, world, size, e)
+        raise SystemExit(3) from None
     ms = torch.tensor([timing["ms"]], device=device)
     peak = torch.tensor([timing["peak_gib"]], device=device)
     all_ms = [torch.zeros_like(ms) for _ in range(world)]
@@ -105,11 +112,33 @@ def main() -> None:
             tflops_per_gpu=round(flops / (step_ms / 1e3) / 1e12, 1),
             peak_gib_per_rank=[round(float(p), 2) for p in all_peak],
         )
-        path = out_dir() / f"bench_fsdp_{world}gpu.json"
+        path = out_dir() / f"bench_fsdp_{args.model}_{world}gpu.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1, default=str))
         print(json.dumps({k: v for k, v in result.items() if k != "env"}))
     shutdown_distributed()
+
+
+def report_oom(args, model, rank, world, size, error) -> None:
+    """Out of memory: each rank reports what it held when it failed (no collective: another rank may be stuck)."""
+    result = dict(
+        env=environment(),
+        model=args.model,
+        size=size,
+        world=world,
+        rank=rank,
+        batch_per_gpu=args.batch,
+        checkpointing=args.checkpointing,
+        params=sum(p.numel() for p in model.parameters()),
+        oom=True,
+        error=str(error).splitlines()[0][:300],
+        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        device_total_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+    )
+    path = out_dir() / f"bench_fsdp_{args.model}_{world}gpu{'' if rank == 0 else f'_rank{rank}'}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps({k: v for k, v in result.items() if k != "env"}))
 
 
 if __name__ == "__main__":

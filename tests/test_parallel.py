@@ -187,7 +187,9 @@ def test_generate_on_two_processes_matches_one():
 
     request = Request(prompt="a red circle", seed=3, steps=3)
     want = np.asarray(generate(load_models(), request)[0].image, dtype=np.int16)
-    got = generate_on_gpus(request, 2, device_type="cpu")
+    from fluxion.cli import progress_bar  # rank 0's progress callback, built from a picklable factory
+
+    got = generate_on_gpus(request, 2, device_type="cpu", progress=progress_bar)
     assert got[0].seed == 3 and got[0].params["prompt"] == "a red circle"
     diff = np.abs(np.asarray(got[0].image, dtype=np.int16) - want)
     assert diff.max() <= 1, diff.max()  # fp32 rounding can flip a pixel by one level

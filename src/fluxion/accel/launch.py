@@ -157,4 +157,7 @@ def generate_on_gpus(
 def cli_options(args: argparse.Namespace) -> dict:
     """The model options of a `fluxion generate` namespace, as keyword arguments of `generate_on_gpus`."""
     names = ("model", "preset", "vae", "text", "dtype", "offload", "prompt_cache")
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    options = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if (getattr(args, "device", None) or "").startswith("cpu"):  # --device cpu: CPU processes over gloo
+        options["device_type"] = "cpu"
+    return options

@@ -63,7 +63,11 @@ def layer_configs(
             raise CheckpointError(
                 f"_quantization_metadata in the safetensors header is not JSON: {e}"
             ) from None
-        layers.update({_strip(k, prefixes): v for k, v in header.get("layers", {}).items()})
+        # A bundle's header lists every component's layers: keep those of the tensors at hand.
+        for name, conf in header.get("layers", {}).items():
+            name = _strip(name, prefixes)
+            if f"{name}.weight" in sd:
+                layers[name] = conf
     for key in [k for k in sd if k.endswith(".comfy_quant")]:
         raw = sd.pop(key)
         layer = key[: -len(".comfy_quant")]

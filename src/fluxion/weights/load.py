@@ -152,6 +152,18 @@ def read_transformer_state(
     return sd, (quant or None)
 
 
+def bundle_components(path: str | Path) -> set[str]:
+    """Which components ("transformer", "vae", "text") one safetensors file holds, from its header alone."""
+    from fluxion.weights import formats
+    from fluxion.weights.formats.bundle import PREFIXES
+
+    path = Path(path)
+    if not path.is_file() or formats.sniff(path) != "safetensors":
+        return set()
+    header, _, _ = read_header(path)
+    return {c for c, prefixes in PREFIXES.items() if any(k.startswith(prefixes) for k in header)}
+
+
 def component_shapes(path: str | Path, component: str) -> dict[str, tuple[int, ...]]:
     """BFL-named logical tensor shapes of a component without dequantizing (GGUF: from the header only)."""
     from fluxion.weights import formats
@@ -298,9 +310,12 @@ def load_transformer(
 
     Quantized files: "dequantize" computes every weight the file means (exact, fp32 then one rounding to dtype);
     "keep" runs fp8 e4m3 block weights as stored through quant/fp8.py's Float8Linear and GGUF Q8_0 weights through
-    int8 weight-only layers (one scale per 32 inputs, the file's own blocks); "auto" keeps fp8 on sm_89+ GPUs and
-    dequantizes everything else."""
-    keep_fp8 = prequantized == "keep" or (prequantized == "auto" and _fp8_capable(device))
+    int8 weight-only layers (one scale per 32 inputs, the file's own blocks); "auto" keeps fp8 for bf16 on sm_89+
+    GPUs and dequantizes everything else."""
+    # auto keeps fp8 only for bf16 inference on fp8-capable GPUs (never for fp32, e.g. a training init).
+    keep_fp8 = prequantized == "keep" or (
+        prequantized == "auto" and dtype == torch.bfloat16 and _fp8_capable(device)
+    )
     if prequantized not in ("auto", "dequantize", "keep"):
         raise ValueError(f"prequantized must be 'auto', 'dequantize' or 'keep', not {prequantized!r}")
     sd, quant = read_transformer_state(path, dtype=dtype, keep_fp8=keep_fp8, keep_q8_0=prequantized == "keep")

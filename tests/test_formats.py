@@ -417,3 +417,37 @@ def test_read_transformer_state_reports_packed(tmp_path, small_sd):
     sd, quant = read_transformer_state(path)
     assert quant is None and all(v.dtype != E4M3 for v in sd.values())
     _ = F  # noqa
+
+
+@pytest.mark.parametrize("cfg", [KLEIN_4B, DEV], ids=["klein-4b", "dev"])
+def test_real_size_bnb_nf4_key_set(cfg):
+    """diffusers' FLUX.2 bnb-4bit layout (double-quantized nf4, blocksize 64) at real size, on meta."""
+    from fluxion.weights.formats import bnb_nf4
+
+    dsd = mapping.bfl_to_diffusers(real_keys(cfg))
+    out = {}
+    for k, v in dsd.items():
+        if k.startswith(("transformer_blocks.", "single_transformer_blocks.")) and v.ndim == 2:
+            n = v.numel()
+            meta = dict(device="meta")
+            out[k] = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, **meta)
+            out[k + ".absmax"] = torch.empty(n // 64, dtype=torch.uint8, **meta)
+            out[k + ".quant_map"] = torch.empty(16, **meta)
+            out[k + ".nested_absmax"] = torch.empty(-(-n // 64 // 256), **meta)
+            out[k + ".nested_quant_map"] = torch.empty(256, **meta)
+            state = {
+                "quant_type": "nf4",
+                "blocksize": 64,
+                "dtype": "bfloat16",
+                "shape": list(v.shape),
+                "nested_blocksize": 256,
+                "nested_dtype": "float32",
+                "nested_offset": 0.01,
+            }
+            out[k + ".quant_state.bitsandbytes__nf4"] = comfy_json(state)
+        else:
+            out[k] = v
+    plain = mapping.diffusers_to_bfl(bnb_nf4.dequantize_state_dict(out))
+    with torch.device("meta"):
+        model = Flux2(cfg)
+    check_state_dict(model, plain, "bnb-nf4")

@@ -30,7 +30,9 @@ def _reader(path: Path):
     try:
         import gguf
     except ImportError as e:  # pragma: no cover - gguf is a dependency of the weights extra
-        raise CheckpointError(f"{path} is a GGUF file: install the `gguf` package to read it") from e
+        raise CheckpointError(
+            f"{path} is a GGUF file: install the gguf package (pip install fluxion[gguf])"
+        ) from e
     try:
         return gguf, gguf.GGUFReader(str(path))
     except (ValueError, KeyError, IndexError) as e:

@@ -311,7 +311,7 @@ def load_transformer(
     Quantized files: "dequantize" computes every weight the file means (exact, fp32 then one rounding to dtype);
     "keep" runs fp8 e4m3 block weights as stored through quant/fp8.py's Float8Linear and GGUF Q8_0 weights through
     int8 weight-only layers (one scale per 32 inputs, the file's own blocks); "auto" keeps fp8 for bf16 on sm_89+
-    GPUs and dequantizes everything else."""
+    GPUs and dequantizes everything else. LoRAs attach to plain Linear layers: load with "dequantize" to use them."""
     # auto keeps fp8 only for bf16 inference on fp8-capable GPUs (never for fp32, e.g. a training init).
     keep_fp8 = prequantized == "keep" or (
         prequantized == "auto" and dtype == torch.bfloat16 and _fp8_capable(device)

@@ -452,3 +452,20 @@ def test_real_size_bnb_nf4_key_set(cfg):
     with torch.device("meta"):
         model = Flux2(cfg)
     check_state_dict(model, plain, "bnb-nf4")
+
+
+@pytest.mark.gpu
+def test_fp8mixed_runs_the_fast_path_on_cuda(tmp_path, small_sd):
+    """On sm_89+ in bf16, "auto" keeps the file's fp8 codes and runs them through torch._scaled_mm."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs an sm_89+ CUDA device")
+    path = tmp_path / "flux2_fp8mixed.safetensors"
+    write_fp8mixed(path, small_sd)
+    fast = load_transformer(path, dtype=torch.bfloat16, device="cuda")  # prequantized="auto"
+    plain = load_transformer(path, dtype=torch.bfloat16, device="cuda", prequantized="dequantize")
+    assert isinstance(fast.double_blocks[0].img_attn.qkv, Float8Linear)
+    x, ids, ctx, tids = inputs(SMALL, 1, [(8, 8)], n_txt=16)
+    args = [a.cuda() for a in (x.bfloat16(), ids[None], torch.tensor([0.5]), ctx.bfloat16(), tids[None])]
+    with torch.no_grad():
+        a, b = fast(*args, torch.tensor([4.0]).cuda()), plain(*args, torch.tensor([4.0]).cuda())
+    assert F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.995

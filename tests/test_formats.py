@@ -469,3 +469,17 @@ def test_fp8mixed_runs_the_fast_path_on_cuda(tmp_path, small_sd):
     with torch.no_grad():
         a, b = fast(*args, torch.tensor([4.0]).cuda()), plain(*args, torch.tensor([4.0]).cuda())
     assert F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.995
+
+
+def test_convert_gguf_to_bfl_writes_the_meant_weights(tmp_path, small_sd):
+    import gguf
+
+    from fluxion.weights.load import convert
+
+    Q = gguf.GGMLQuantizationType
+    tensors = {k: v.numpy() for k, v in small_sd.items()}
+    qtypes = {k: Q.Q8_0 for k, v in small_sd.items() if v.ndim == 2 and v.shape[1] % 32 == 0}
+    write_gguf(tmp_path / "m.gguf", tensors, qtypes)
+    convert(tmp_path / "m.gguf", tmp_path / "m.safetensors", to="bfl")
+    a, b = load_transformer(tmp_path / "m.gguf"), load_transformer(tmp_path / "m.safetensors")
+    assert max_err(a, b.state_dict()) == 0.0

@@ -418,7 +418,8 @@ def convert(src: str | Path, dst: str | Path, to: str) -> Path:
     """Convert a transformer or autoencoder checkpoint between layouts, losslessly (tensors bit-identical).
 
     to="bfl": write one BFL-named safetensors file at `dst`. to="diffusers": write a component folder at `dst`
-    (config.json + diffusion_pytorch_model[-0000k-of-0000n].safetensors)."""
+    (config.json + diffusion_pytorch_model[-0000k-of-0000n].safetensors). A quantized source (ComfyUI fp8 /
+    NVFP4, GGUF, bitsandbytes 4-bit) is written as the fp32 weights it means."""
     from fluxion.weights.safetensors_io import save_safetensors, save_sharded
 
     if to not in ("bfl", "diffusers"):
@@ -459,6 +460,9 @@ def _component_of(path: str | Path) -> str:
         if (path / "vae").is_dir():
             return "vae"
         raise FileNotFoundError(f"{path} holds neither config.json nor transformer/ or vae/")
+    from fluxion.weights import formats
     from fluxion.weights.safetensors_io import read_shapes
 
-    return "vae" if _is_vae(read_shapes(path)) else "transformer"
+    if formats.sniff(path) == "gguf":
+        return "transformer"  # city96 GGUF files hold diffusion models
+    return "vae" if _is_vae(read_shapes(path)) and not bundle_components(path) else "transformer"

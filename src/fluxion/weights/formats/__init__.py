@@ -79,17 +79,24 @@ def sniff(path: str | Path) -> str:
 
 
 def refuse_unknown(path: Path, what: str = "checkpoint") -> None:
-    """A one-line error naming the container when it is one we know but do not read."""
+    """A one-line error naming the container when it is one we know but do not read (by magic bytes, else by
+    suffix); returns when it is none of them (the safetensors reader then says what it sees)."""
     with open(path, "rb") as f:
         head = f.read(16)
-    named = {
-        b"\x89HDF": "an HDF5 (Keras .h5) file",
-        b"ONNX": "an ONNX file",
-        b"\x08\x00": "an ONNX / protobuf file",
-        b"\x93NUMPY": "a NumPy .npy array",
+    by_magic = {b"\x89HDF": "an HDF5 (Keras .h5) file", b"\x93NUMPY": "a NumPy .npy array"}
+    by_suffix = {
+        ".onnx": "an ONNX model",
+        ".msgpack": "a Flax msgpack checkpoint",
+        ".h5": "an HDF5 (Keras .h5) file",
+        ".npz": "a NumPy .npz archive",
+        ".tflite": "a TFLite model",
+        ".engine": "a TensorRT engine",
+        ".plan": "a TensorRT engine",
     }
-    for magic, name in named.items():
-        if head.startswith(magic):
-            raise CheckpointError(
-                f"{path}: {name}, not a {what} fluxion reads (safetensors, GGUF, or a diffusers folder)"
-            )
+    name = next(
+        (n for magic, n in by_magic.items() if head.startswith(magic)), by_suffix.get(path.suffix.lower())
+    )
+    if name:
+        raise CheckpointError(
+            f"{path}: {name}, not a {what} fluxion reads (safetensors, GGUF, or a diffusers folder)"
+        )

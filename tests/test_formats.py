@@ -17,7 +17,13 @@ from fluxion.quant.fp8 import Float8Linear
 from fluxion.quant.weight_only import Int8WeightOnlyLinear
 from fluxion.weights import mapping
 from fluxion.weights.formats import bundle, comfy_quant
-from fluxion.weights.load import check_state_dict, load_autoencoder, load_transformer, read_transformer_state
+from fluxion.weights.load import (
+    check_state_dict,
+    component_shapes,
+    load_autoencoder,
+    load_transformer,
+    read_transformer_state,
+)
 from fluxion.weights.safetensors_io import CheckpointError
 from test_transformer import SMALL, inputs, randomize
 
@@ -56,6 +62,10 @@ def run(model_or_sd, cfg=SMALL):
         return model_or_sd(x, ids[None], torch.tensor([0.5]), ctx, tids[None], torch.tensor([4.0]))
 
 
+def shapes(model) -> dict:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def max_err(model, expected: dict) -> float:
     got = model.state_dict()
     return max((got[k].float() - expected[k].float()).abs().max().item() for k in expected)
@@ -89,6 +99,7 @@ def test_comfy_fp8mixed_dequantizes_exactly(tmp_path, small_sd):
     expected = write_fp8mixed(path, small_sd)
     model = load_transformer(path, dtype=torch.float32, prequantized="dequantize")
     assert max_err(model, expected) == 0.0
+    assert component_shapes(path, "transformer") == shapes(model)
     # Output: the same function as the model holding the intended weights (fp32 matmuls on differently aligned
     # buffers may round differently in the last bit).
     assert (run(model) - run(expected)).abs().max() < 1e-5
@@ -194,6 +205,7 @@ def test_nvfp4_dequantizes_to_the_intended_weights(tmp_path, small_sd):
     save_file(out, str(path))
     model = load_transformer(path, dtype=torch.float32)
     assert max_err(model, expected) == 0.0
+    assert component_shapes(path, "transformer") == shapes(model)  # read on meta: nothing dequantized
     print("nvfp4 output:", (run(model) - run(expected)).abs().max().item())
     assert (run(model) - run(expected)).abs().max() < 1e-5
 
@@ -270,6 +282,7 @@ def test_gguf_q8_0_and_f16_dequantize_exactly_and_keep_int8(tmp_path, small_sd):
     write_gguf(path, tensors, qtypes)
     model = load_transformer(path, dtype=torch.float32)
     assert max_err(model, expected) == 0.0
+    assert component_shapes(path, "transformer") == shapes(model)
     kept = load_transformer(path, dtype=torch.float32, prequantized="keep")
     assert isinstance(kept.double_blocks[0].img_attn.qkv, Int8WeightOnlyLinear)
     assert not isinstance(kept.time_in.in_layer, Int8WeightOnlyLinear)
@@ -358,6 +371,7 @@ def test_bnb_nf4_folder_without_bitsandbytes_at_load(tmp_path, small_sd, double_
     (folder / "config.json").write_text(json.dumps(cfg))
     model = load_transformer(folder, SMALL, dtype=torch.float32)
     assert max_err(model, mapping.diffusers_to_bfl(meaning)) == 0.0
+    assert component_shapes(folder, "transformer") == shapes(model)
 
 
 # ---------------------------------------------------------------- key sets at real sizes (meta device)

@@ -48,8 +48,24 @@ def _keep_int8(key: str) -> bool:
     return key.endswith(".weight") and not key.startswith(("time_in.", "guidance_in."))
 
 
+def _on_meta(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Shapes and dtypes only (meta tensors), except the small per-layer JSON configs the readers must parse."""
+    return {
+        k: v
+        if k.endswith(".comfy_quant") or ".quant_state.bitsandbytes__" in k
+        else torch.empty(v.shape, dtype=v.dtype, device="meta")
+        for k, v in sd.items()
+    }
+
+
 def _read_file(
-    path: Path, component: str, *, dtype: torch.dtype | None, keep_fp8: bool, keep_q8_0: bool
+    path: Path,
+    component: str,
+    *,
+    dtype: torch.dtype | None,
+    keep_fp8: bool,
+    keep_q8_0: bool,
+    meta: bool = False,
 ) -> tuple[dict[str, Tensor], QuantInfo, str]:
     """One checkpoint file -> (the component's tensors, packed weights, layout name). Dispatches on the
     container (safetensors / GGUF), then on the layout inside (bundle prefixes, ComfyUI quantization)."""
@@ -67,7 +83,8 @@ def _read_file(
         if kind == "unknown":
             formats.refuse_unknown(path)
         _, metadata, _ = read_header(path)  # refuses pickles and non-safetensors files with their own message
-        sd, prefix = bundle.select(load_safetensors(path), component, str(path))
+        raw = load_safetensors(path)
+        sd, prefix = bundle.select(_on_meta(raw) if meta else raw, component, str(path))
         layout = "comfy-bundle" if prefix.startswith(("vae.", "model.")) else "bfl"
         fp8 = any(v.dtype in comfy_quant.FP8_DTYPES for v in sd.values())
         if fp8 or comfy_quant.is_comfy_quantized(sd, metadata):
@@ -94,6 +111,7 @@ def _read(
     dtype: torch.dtype | None = None,
     keep_fp8: bool = False,
     keep_q8_0: bool = False,
+    meta: bool = False,
 ) -> tuple[dict[str, Tensor], QuantInfo, str]:
     path = Path(path)
     quant: QuantInfo = {}
@@ -101,6 +119,7 @@ def _read(
         if (path / component).is_dir():
             path = path / component
         sd = load_folder_weights(path, DIFFUSERS_STEM)
+        sd = _on_meta(sd) if meta else sd
         layout = "diffusers"
         from fluxion.weights.formats import bnb_nf4
 
@@ -108,7 +127,9 @@ def _read(
             sd = bnb_nf4.dequantize_state_dict(sd, str(path))
             layout = "diffusers-bnb-4bit"
     elif path.exists():
-        sd, quant, layout = _read_file(path, component, dtype=dtype, keep_fp8=keep_fp8, keep_q8_0=keep_q8_0)
+        sd, quant, layout = _read_file(
+            path, component, dtype=dtype, keep_fp8=keep_fp8, keep_q8_0=keep_q8_0, meta=meta
+        )
     else:
         raise FileNotFoundError(f"no checkpoint at {path}")
     if component == "vae" and not _is_vae(sd):
@@ -165,17 +186,16 @@ def bundle_components(path: str | Path) -> set[str]:
 
 
 def component_shapes(path: str | Path, component: str) -> dict[str, tuple[int, ...]]:
-    """BFL-named logical tensor shapes of a component without dequantizing (GGUF: from the header only)."""
+    """BFL-named logical tensor shapes of a component, with nothing dequantized or read beyond headers and the
+    small per-layer configs (the readers run on meta tensors; GGUF: its header)."""
     from fluxion.weights import formats
 
     path = Path(path)
-    if path.is_file() and component == "transformer" and formats.sniff(path) == "gguf":
+    if path.is_file() and formats.sniff(path) == "gguf":
         from fluxion.weights.formats import bundle, gguf_io
 
-        return {k: v for k, v in bundle.bfl_norm_names(gguf_io.read_shapes(path)).items()}
-    sd, _, _ = (
-        _read(path, component, keep_fp8=True, keep_q8_0=True) if path.is_file() else _read(path, component)
-    )
+        return dict(bundle.bfl_norm_names(gguf_io.read_shapes(path)))
+    sd, _, _ = _read(path, component, meta=True)
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 

@@ -152,3 +152,82 @@ def test_single_file_without_tokenizer_says_what_is_needed(tmp_path, qwen3):
     save_file(sd, str(path))
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         load_text_encoder(path, TINY_QWEN3)
+
+
+@pytest.mark.parametrize(
+    "kind, real",
+    [
+        (
+            "qwen3",
+            dict(
+                vocab_size=151936,
+                hidden_size=2560,
+                intermediate_size=9728,
+                num_hidden_layers=36,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=128,
+            ),
+        ),  # Qwen3-4B (klein 4B)
+        (
+            "qwen3",
+            dict(
+                vocab_size=151936,
+                hidden_size=4096,
+                intermediate_size=12288,
+                num_hidden_layers=36,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=128,
+            ),
+        ),  # Qwen3-8B (klein 9B)
+        (
+            "mistral3",
+            dict(
+                vocab_size=131072,
+                hidden_size=5120,
+                intermediate_size=32768,
+                num_hidden_layers=40,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=128,
+            ),
+        ),  # Mistral Small 3.x (dev)
+    ],
+    ids=["qwen3-4b", "qwen3-8b", "mistral-small"],
+)
+def test_real_size_single_file_key_sets(kind, real):
+    """ComfyUI's key set at the real sizes (meta tensors): the model built from shapes + facts has the real config."""
+    import transformers
+
+    from fluxion.text.encoder import _backbone_from_state, backbone_names
+
+    cls = transformers.Qwen3ForCausalLM if kind == "qwen3" else transformers.MistralForCausalLM
+    config_cls = transformers.Qwen3Config if kind == "qwen3" else transformers.MistralConfig
+    with torch.device("meta"):
+        hf = cls(config_cls(**real))
+    sd = dict(hf.state_dict())  # model.embed_tokens / model.layers.N / model.norm / lm_head, as ComfyUI saves
+    if kind == "mistral3":
+        sd["vision_tower.transformer.layers.0.attention.q_proj.weight"] = torch.empty(
+            1024, 1024, device="meta"
+        )
+        sd["multi_modal_projector.linear_1.weight"] = torch.empty(5120, 1024, device="meta")
+        sd["tekken_model"] = torch.empty(10, dtype=torch.uint8, device="meta")
+    model = _backbone_from_state(backbone_names(sd, torch.bfloat16), kind, "real")
+    got = {k: getattr(model.config, k) for k in real}
+    assert got == real
+    assert model.config.rope_parameters["rope_theta"] == (1e6 if kind == "qwen3" else 1e9)
+
+
+def test_prompt_cache_identity_of_a_single_file_encoder(tmp_path, qwen3):
+    from fluxion.text.cache import encoder_identity
+
+    root, sd = qwen3
+    path = tmp_path / "qwen_3_4b.safetensors"
+    save_file(sd, str(path))
+    enc = load_text_encoder(path, TINY_QWEN3, dtype=torch.float32, tokenizer_folder=root / "tokenizer")
+    first = encoder_identity(enc)
+    save_file({k: v + 1 if k.endswith("norm.weight") else v for k, v in sd.items()}, str(path))
+    assert encoder_identity(enc) == first  # same size: the identity is of names and sizes, as for folders
+    save_file({k: v for k, v in sd.items() if k != "lm_head.weight"}, str(path))
+    assert encoder_identity(enc) != first

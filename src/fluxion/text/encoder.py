@@ -267,6 +267,16 @@ def read_backbone_state(path: Path, dtype: torch.dtype) -> dict[str, torch.Tenso
     sd, _ = comfy_quant.unpack(
         sd, metadata, dtype=dtype, prefixes=(prefix,) if prefix else (), source=str(path)
     )
+    return backbone_names(sd, dtype, str(path))
+
+
+def backbone_names(
+    sd: dict[str, torch.Tensor], dtype: torch.dtype, source: str = ""
+) -> dict[str, torch.Tensor]:
+    """HF / ComfyUI text-model names -> the decoder stack's (`layers.0...`), cast to `dtype`; the unused families
+    (`_UNUSED`) are left out, anything else unknown is refused."""
+    from fluxion.weights.safetensors_io import CheckpointError
+
     out, unknown = {}, []
     for key, value in sd.items():
         for p in _BACKBONE_PREFIXES:
@@ -278,10 +288,10 @@ def read_backbone_state(path: Path, dtype: torch.dtype) -> dict[str, torch.Tenso
                 unknown.append(key)
     if unknown:
         raise CheckpointError(
-            f"{path}: {len(unknown)} tensors are not part of a Qwen3 / Mistral text model: {sorted(unknown)[:8]}"
+            f"{source}: {len(unknown)} tensors are not part of a Qwen3 / Mistral text model: {sorted(unknown)[:8]}"
         )
     if "embed_tokens.weight" not in out:
-        raise CheckpointError(f"{path} holds no text model (no model.embed_tokens.weight)")
+        raise CheckpointError(f"{source} holds no text model (no model.embed_tokens.weight)")
     return out
 
 
@@ -365,7 +375,15 @@ def load_text_encoder(
         )
         _check_tokenizer_folder(tok_dir)
         tokenizer = _load_tokenizer(tok_dir, cfg.kind)
-        model = _backbone_from_state(read_backbone_state(path, dtype), cfg.kind, str(path)).to(device)
+        sd = read_backbone_state(path, dtype)
+        # Layers after the last tap and the final norm are never used (see _prune_after_last_tap): not built.
+        last = max(cfg.hidden_layers)
+        sd = {
+            k: v
+            for k, v in sd.items()
+            if k != "norm.weight" and not (k.startswith("layers.") and int(k.split(".")[1]) >= last)
+        }
+        model = _backbone_from_state(sd, cfg.kind, str(path)).to(device)
         return TextEncoder(model, tokenizer, cfg, sources=(path, tok_dir))
     model_dir, tok_dir = resolve_folders(folder, cfg.kind)
     if tokenizer_folder is not None:

@@ -497,3 +497,34 @@ def test_convert_gguf_to_bfl_writes_the_meant_weights(tmp_path, small_sd):
     convert(tmp_path / "m.gguf", tmp_path / "m.safetensors", to="bfl")
     a, b = load_transformer(tmp_path / "m.gguf"), load_transformer(tmp_path / "m.safetensors")
     assert max_err(a, b.state_dict()) == 0.0
+
+
+def test_nvfp4_and_fp8_written_by_comfy_kitchen(tmp_path, small_sd):
+    """The same layouts quantized by ComfyUI's own kernels library (eager backend, CPU)."""
+    ck = pytest.importorskip("comfy_kitchen")
+    from comfy_kitchen.tensor import TensorCoreFP8Layout, TensorCoreNVFP4Layout
+
+    out, expected = {}, {}
+    with ck.registry.use_backend("eager"):
+        for k, v in small_sd.items():
+            if not is_block_linear(k, v):
+                out[k] = expected[k] = v
+                continue
+            layer = k[: -len(".weight")]
+            if k.startswith("double_blocks."):
+                q, params = TensorCoreNVFP4Layout.quantize(v.to(torch.bfloat16))
+                out[k], out[f"{layer}.weight_scale"] = q, params.block_scale
+                out[f"{layer}.weight_scale_2"] = params.scale
+                out[f"{layer}.comfy_quant"] = comfy_json({"format": "nvfp4"})
+                expected[k] = ck.dequantize_nvfp4(q, params.scale, params.block_scale, torch.float32)
+            else:
+                q, params = TensorCoreFP8Layout.quantize(v.to(torch.bfloat16))
+                out[k], out[f"{layer}.weight_scale"] = q, params.scale
+                out[f"{layer}.comfy_quant"] = comfy_json({"format": "float8_e4m3fn"})
+                expected[k] = q.float() * params.scale
+    path = tmp_path / "ck.safetensors"
+    save_file(out, str(path))
+    model = load_transformer(path, dtype=torch.float32, prequantized="dequantize")
+    err = max_err(model, expected)
+    print("comfy-kitchen nvfp4 / fp8 weights:", err)
+    assert err == 0.0

@@ -12,6 +12,10 @@ in eager mode; under `torch.compile` they fuse into one, which is why fp8 is mea
 `Float8Linear.forward` takes the `_scaled_mm` path on CUDA (needs sm_89+: Ada or Hopper) and the dequantized
 reference path elsewhere; the reference computes the same function up to matmul rounding, and is what the CPU
 tests bound against bf16. Lossy: measure against bf16 (velocity cosine, max relative error) before use.
+
+Prequantized checkpoints (ComfyUI fp8mixed / scaled fp8, BFL's fp8 releases) load straight into Float8Linear
+(weights/load.py): the file's e4m3 codes are kept bit for bit and its per-tensor scale becomes a row scale
+repeated N times (the same numbers, so exact); nothing is upcast or requantized.
 """
 
 from __future__ import annotations

@@ -26,15 +26,27 @@ FilterFn = Callable[[str, nn.Linear], bool]
 
 
 class Int8WeightOnlyLinear(nn.Module):
-    """Buffers: `weight` [out, in] int8, `weight_scale` [out] fp32."""
+    """Buffers: `weight` [out, in] int8, `weight_scale` [out] fp32 (one scale per output channel), or, with
+    `group_size` G, [out, in / G] fp32: one scale per G consecutive inputs of a row. The grouped form holds
+    prequantized weights as stored (GGUF Q8_0: G = 32, fp16 scales widened exactly to fp32)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        device=None,
+        group_size: int | None = None,
+    ):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        if group_size is not None and in_features % group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer(
             "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
         )
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        scale_shape = (out_features,) if group_size is None else (out_features, in_features // group_size)
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     @classmethod
@@ -49,15 +61,24 @@ class Int8WeightOnlyLinear(nn.Module):
             out.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return out
 
-    def dequantized_weight(self) -> Tensor:
-        return self.weight.float() * self.weight_scale[:, None]
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """codes * scales in fp32, rounded once to `dtype`."""
+        if self.group_size is None:
+            return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
+        N, K, G = self.out_features, self.in_features, self.group_size
+        return (self.weight.float().view(N, K // G, G) * self.weight_scale[..., None]).view(N, K).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        if self.group_size is None:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        else:
+            # Scales vary along the reduction axis: rebuild the weight (same numbers as dequantizing on load).
+            y = F.linear(x, self.dequantized_weight(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        kind = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 {kind}"
 
 
 class Int4WeightOnlyLinear(nn.Module):

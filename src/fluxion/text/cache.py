@@ -35,8 +35,12 @@ def _folders_digest(model_dir: Path, tok_dir: Path) -> str:
     for f in sorted(p for p in tok_dir.iterdir() if p.is_file()):
         h.update(f"tok:{f.name}:".encode())
         h.update(f.read_bytes())
-    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        h.update(f"model:{f.relative_to(model_dir)}:{f.stat().st_size}\n".encode())
+    # A single-file encoder (ComfyUI text_encoders/*.safetensors) is its own only model file.
+    files = [model_dir] if model_dir.is_file() else sorted(p for p in model_dir.rglob("*") if p.is_file())
+    for f in files:
+        h.update(
+            f"model:{f.relative_to(model_dir) if f != model_dir else f.name}:{f.stat().st_size}\n".encode()
+        )
     return h.hexdigest()
 
 

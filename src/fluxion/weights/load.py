@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -20,32 +21,115 @@ from torch import Tensor, nn
 from fluxion.config import PRESETS, TransformerConfig, VAEConfig
 from fluxion.model.transformer import Flux2
 from fluxion.weights import mapping
-from fluxion.weights.safetensors_io import CheckpointError, load_folder_weights, load_safetensors
+from fluxion.weights.formats import QuantInfo
+from fluxion.weights.safetensors_io import (
+    CheckpointError,
+    load_folder_weights,
+    load_safetensors,
+    read_header,
+)
 
 DIFFUSERS_STEM = "diffusion_pytorch_model"
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
-def _strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    for prefix in _PREFIXES:
-        if sd and all(k.startswith(prefix) for k in sd):
-            return {k[len(prefix) :]: v for k, v in sd.items()}
-    return sd
+Prequantized = Literal["auto", "dequantize", "keep"]
 
 
 def _is_vae(keys) -> bool:
     return any(k.startswith(("encoder.", "decoder.")) for k in keys)
 
 
-def read_component(path: str | Path, component: str) -> tuple[dict[str, Tensor], str]:
-    """Tensors of `component` ("transformer" or "vae") in BFL names, and the layout they came in."""
+def _keep_fp8(key: str) -> bool:
+    # The block Linears only (quant/fp8.py's default filter): embedders and the final layer stay in the compute
+    # dtype, and `Flux2.embed_time` takes its dtype from time_in's weight.
+    return key.startswith(("double_blocks.", "single_blocks.")) and key.endswith(".weight")
+
+
+def _keep_int8(key: str) -> bool:
+    # Every Linear but the timestep / guidance embedders (quant/weight_only.py's default filter).
+    return key.endswith(".weight") and not key.startswith(("time_in.", "guidance_in."))
+
+
+def _on_meta(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Shapes and dtypes only (meta tensors), except the small per-layer JSON configs the readers must parse."""
+    return {
+        k: v
+        if k.endswith(".comfy_quant") or ".quant_state.bitsandbytes__" in k
+        else torch.empty(v.shape, dtype=v.dtype, device="meta")
+        for k, v in sd.items()
+    }
+
+
+def _read_file(
+    path: Path,
+    component: str,
+    *,
+    dtype: torch.dtype | None,
+    keep_fp8: bool,
+    keep_q8_0: bool,
+    meta: bool = False,
+) -> tuple[dict[str, Tensor], QuantInfo, str]:
+    """One checkpoint file -> (the component's tensors, packed weights, layout name). Dispatches on the
+    container (safetensors / GGUF), then on the layout inside (bundle prefixes, ComfyUI quantization)."""
+    from fluxion.weights import formats
+    from fluxion.weights.formats import bundle, comfy_quant
+
+    kind = formats.sniff(path)
+    quant: QuantInfo = {}
+    if kind == "gguf":
+        from fluxion.weights.formats import gguf_io
+
+        sd, quant = gguf_io.read(path, dtype=dtype, keep_q8_0=_keep_int8 if keep_q8_0 else lambda k: False)
+        layout = "gguf"
+    else:
+        if kind == "unknown":
+            formats.refuse_unknown(path)
+        _, metadata, _ = read_header(path)  # refuses pickles and non-safetensors files with their own message
+        raw = load_safetensors(path)
+        sd, prefix = bundle.select(_on_meta(raw) if meta else raw, component, str(path))
+        layout = "comfy-bundle" if prefix.startswith(("vae.", "model.")) else "bfl"
+        fp8 = any(v.dtype in comfy_quant.FP8_DTYPES for v in sd.values())
+        if fp8 or comfy_quant.is_comfy_quantized(sd, metadata):
+            sd, quant = comfy_quant.unpack(
+                sd,
+                metadata,
+                keep_fp8=_keep_fp8 if keep_fp8 else lambda k: False,
+                dtype=dtype,
+                prefixes=tuple(p for p in (prefix, *bundle.PREFIXES[component]) if p),
+                source=str(path),
+            )
+            layout = "comfy-quantized"
+    if component == "transformer":
+        from fluxion.weights.formats.bundle import bfl_norm_names
+
+        sd = bfl_norm_names(sd)
+    return sd, quant, layout
+
+
+def _read(
+    path: str | Path,
+    component: str,
+    *,
+    dtype: torch.dtype | None = None,
+    keep_fp8: bool = False,
+    keep_q8_0: bool = False,
+    meta: bool = False,
+) -> tuple[dict[str, Tensor], QuantInfo, str]:
     path = Path(path)
+    quant: QuantInfo = {}
     if path.is_dir():
         if (path / component).is_dir():
             path = path / component
         sd = load_folder_weights(path, DIFFUSERS_STEM)
+        sd = _on_meta(sd) if meta else sd
+        layout = "diffusers"
+        from fluxion.weights.formats import bnb_nf4
+
+        if bnb_nf4.is_bnb_4bit(sd) or bnb_nf4.is_bnb_8bit(sd):
+            sd = bnb_nf4.dequantize_state_dict(sd, str(path))
+            layout = "diffusers-bnb-4bit"
     elif path.exists():
-        sd = _strip_prefix(load_safetensors(path))
+        sd, quant, layout = _read_file(
+            path, component, dtype=dtype, keep_fp8=keep_fp8, keep_q8_0=keep_q8_0, meta=meta
+        )
     else:
         raise FileNotFoundError(f"no checkpoint at {path}")
     if component == "vae" and not _is_vae(sd):
@@ -55,11 +139,64 @@ def read_component(path: str | Path, component: str) -> tuple[dict[str, Tensor],
     if component == "vae":
         from fluxion.weights.vae_mapping import vae_diffusers_to_bfl
 
-        diffusers = any(".down_blocks." in k or ".up_blocks." in k for k in sd)
-        return (vae_diffusers_to_bfl(sd), "diffusers") if diffusers else (sd, "bfl")
+        if any(".down_blocks." in k or ".up_blocks." in k for k in sd):
+            return vae_diffusers_to_bfl(sd), quant, "diffusers"
+        return sd, quant, layout
     if mapping.looks_like_diffusers(sd):
-        return mapping.diffusers_to_bfl(sd), "diffusers"
-    return sd, "bfl"
+        from fluxion.weights.formats import dequantize_all
+
+        # q/k/v are fused on the way to BFL names: packed weights with separate scales are dequantized first.
+        return mapping.diffusers_to_bfl(dequantize_all(sd, quant, dtype)), {}, layout
+    return sd, quant, layout
+
+
+def read_component(path: str | Path, component: str) -> tuple[dict[str, Tensor], str]:
+    """Tensors of `component` ("transformer" or "vae") in BFL names, and the layout they came in. Quantized files
+    (ComfyUI fp8 / NVFP4, GGUF, bitsandbytes 4-bit) come back dequantized exactly, in fp32."""
+    sd, _, layout = _read(path, component)
+    return sd, layout
+
+
+def read_transformer_state(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    keep_fp8: bool = False,
+    keep_q8_0: bool = False,
+) -> tuple[dict[str, Tensor], QuantInfo | None]:
+    """The transformer's tensors in BFL names, and the packed weights among them (None if there are none).
+
+    Quantized weights are dequantized to `dtype` (fp32 if None), except e4m3 block Linears when `keep_fp8` and
+    GGUF Q8_0 Linears when `keep_q8_0`: their entry holds the codes and QuantInfo their scales
+    (`formats.dequantize_packed` turns one into the weight the file means)."""
+    sd, quant, _ = _read(path, "transformer", dtype=dtype, keep_fp8=keep_fp8, keep_q8_0=keep_q8_0)
+    return sd, (quant or None)
+
+
+def bundle_components(path: str | Path) -> set[str]:
+    """Which components ("transformer", "vae", "text") one safetensors file holds, from its header alone."""
+    from fluxion.weights import formats
+    from fluxion.weights.formats.bundle import PREFIXES
+
+    path = Path(path)
+    if not path.is_file() or formats.sniff(path) != "safetensors":
+        return set()
+    header, _, _ = read_header(path)
+    return {c for c, prefixes in PREFIXES.items() if any(k.startswith(prefixes) for k in header)}
+
+
+def component_shapes(path: str | Path, component: str) -> dict[str, tuple[int, ...]]:
+    """BFL-named logical tensor shapes of a component, with nothing dequantized or read beyond headers and the
+    small per-layer configs (the readers run on meta tensors; GGUF: its header)."""
+    from fluxion.weights import formats
+
+    path = Path(path)
+    if path.is_file() and formats.sniff(path) == "gguf":
+        from fluxion.weights.formats import bundle, gguf_io
+
+        return dict(bundle.bfl_norm_names(gguf_io.read_shapes(path)))
+    sd, _, _ = _read(path, component, meta=True)
+    return {k: tuple(v.shape) for k, v in sd.items()}
 
 
 def infer_transformer_config(shapes: dict[str, tuple[int, ...]]) -> TransformerConfig:
@@ -127,13 +264,57 @@ def check_state_dict(model: nn.Module, sd: dict[str, Tensor], source: str, looks
     raise CheckpointError("; ".join(parts))
 
 
-def _assign(model: nn.Module, sd: dict[str, Tensor], dtype: torch.dtype | None, device) -> nn.Module:
+def _assign(
+    model: nn.Module,
+    sd: dict[str, Tensor],
+    dtype: torch.dtype | None,
+    device,
+    keep: frozenset[str] = frozenset(),
+) -> nn.Module:
+    """Move `sd` to `device` (floating tensors cast to `dtype`, except the packed codes and scales in `keep`) and
+    load it strictly, taking the tensors over (no copy)."""
     sd = {
-        k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+        k: v.to(
+            device=device,
+            dtype=dtype if dtype is not None and v.is_floating_point() and k not in keep else v.dtype,
+        )
         for k, v in sd.items()
     }
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def _install_packed(model: nn.Module, sd: dict[str, Tensor], quant: QuantInfo) -> frozenset[str]:
+    """Swap each packed Linear for the quantized layer that runs its codes as stored (on meta, before loading), and
+    add the scales to `sd`. Returns the keys `_assign` must not cast."""
+    from fluxion.quant.fp8 import Float8Linear
+    from fluxion.quant.weight_only import Int8WeightOnlyLinear
+
+    keep = set()
+    for key, packed in quant.items():
+        fqn = key[: -len(".weight")]
+        linear = model.get_submodule(fqn)
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(f"{key}: a quantized weight for a module that is not a Linear layer")
+        args = (linear.in_features, linear.out_features)
+        if packed.format == "fp8_e4m3":
+            new: nn.Module = Float8Linear(*args, bias=linear.bias is not None, device="meta")
+        else:
+            new = Int8WeightOnlyLinear(*args, bias=linear.bias is not None, group_size=32, device="meta")
+        parent, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        sd[f"{fqn}.weight_scale"] = packed.scale
+        keep |= {key, f"{fqn}.weight_scale"}
+    return frozenset(keep)
+
+
+def _fp8_capable(device) -> bool:
+    device = torch.device(device)
+    return (
+        device.type == "cuda"
+        and torch.cuda.is_available()
+        and torch.cuda.get_device_capability(device) >= (8, 9)
+    )
 
 
 def load_transformer(
@@ -142,10 +323,22 @@ def load_transformer(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    prequantized: Prequantized = "auto",
 ) -> Flux2:
     """Load a FLUX.2 transformer. `preset` (a name or config) pins the architecture; without it the architecture
-    is read off the tensor shapes. dtype None keeps the file's dtype."""
-    sd, _ = read_component(path, "transformer")
+    is read off the tensor shapes. dtype None keeps the file's dtype.
+
+    Quantized files: "dequantize" computes every weight the file means (exact, fp32 then one rounding to dtype);
+    "keep" runs fp8 e4m3 block weights as stored through quant/fp8.py's Float8Linear and GGUF Q8_0 weights through
+    int8 weight-only layers (one scale per 32 inputs, the file's own blocks); "auto" keeps fp8 for bf16 on sm_89+
+    GPUs and dequantizes everything else. LoRAs attach to plain Linear layers: load with "dequantize" to use them."""
+    # auto keeps fp8 only for bf16 inference on fp8-capable GPUs (never for fp32, e.g. a training init).
+    keep_fp8 = prequantized == "keep" or (
+        prequantized == "auto" and dtype == torch.bfloat16 and _fp8_capable(device)
+    )
+    if prequantized not in ("auto", "dequantize", "keep"):
+        raise ValueError(f"prequantized must be 'auto', 'dequantize' or 'keep', not {prequantized!r}")
+    sd, quant = read_transformer_state(path, dtype=dtype, keep_fp8=keep_fp8, keep_q8_0=prequantized == "keep")
     found = infer_transformer_config({k: tuple(v.shape) for k, v in sd.items()})
     if preset is None:
         cfg = found
@@ -158,7 +351,8 @@ def load_transformer(
     with torch.device("meta"):
         model = Flux2(cfg)
     check_state_dict(model, sd, str(path), looks_like=_describe(found) if cfg != found else "")
-    return _assign(model, sd, dtype, device)
+    keep = _install_packed(model, sd, quant) if quant else frozenset()
+    return _assign(model, sd, dtype, device, keep)
 
 
 def infer_vae_config(shapes: dict[str, tuple[int, ...]], num_groups: int = 32) -> VAEConfig:
@@ -244,7 +438,8 @@ def convert(src: str | Path, dst: str | Path, to: str) -> Path:
     """Convert a transformer or autoencoder checkpoint between layouts, losslessly (tensors bit-identical).
 
     to="bfl": write one BFL-named safetensors file at `dst`. to="diffusers": write a component folder at `dst`
-    (config.json + diffusion_pytorch_model[-0000k-of-0000n].safetensors)."""
+    (config.json + diffusion_pytorch_model[-0000k-of-0000n].safetensors). A quantized source (ComfyUI fp8 /
+    NVFP4, GGUF, bitsandbytes 4-bit) is written as the fp32 weights it means."""
     from fluxion.weights.safetensors_io import save_safetensors, save_sharded
 
     if to not in ("bfl", "diffusers"):
@@ -285,6 +480,9 @@ def _component_of(path: str | Path) -> str:
         if (path / "vae").is_dir():
             return "vae"
         raise FileNotFoundError(f"{path} holds neither config.json nor transformer/ or vae/")
+    from fluxion.weights import formats
     from fluxion.weights.safetensors_io import read_shapes
 
-    return "vae" if _is_vae(read_shapes(path)) else "transformer"
+    if formats.sniff(path) == "gguf":
+        return "transformer"  # city96 GGUF files hold diffusion models
+    return "vae" if _is_vae(read_shapes(path)) and not bundle_components(path) else "transformer"

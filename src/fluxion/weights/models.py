@@ -47,7 +47,7 @@ def resolve_preset(model_path, preset: str | None) -> ModelSpec:
     from pathlib import Path
 
     from fluxion.config import PRESETS, get_preset
-    from fluxion.weights.load import infer_transformer_config, presets_matching, read_component
+    from fluxion.weights.load import component_shapes, infer_transformer_config, presets_matching
 
     if preset:
         return get_preset(preset)
@@ -56,8 +56,8 @@ def resolve_preset(model_path, preset: str | None) -> ModelSpec:
     for spec in PRESETS.values():
         if spec.bfl_filename and name == spec.bfl_filename:
             return spec
-    sd, _ = read_component(path, "transformer")
-    candidates = presets_matching(infer_transformer_config({k: tuple(v.shape) for k, v in sd.items()}))
+    # Shapes only: a quantized file (GGUF, fp8, nf4) is not dequantized just to pick the preset.
+    candidates = presets_matching(infer_transformer_config(component_shapes(path, "transformer")))
     index = path / "model_index.json"
     if index.is_file() and len(candidates) > 1:
         info = json.loads(index.read_text())
@@ -91,7 +91,7 @@ def load_models(
 
     from fluxion.config import get_preset
     from fluxion.text.encoder import load_text_encoder
-    from fluxion.weights.load import load_autoencoder, load_transformer
+    from fluxion.weights.load import bundle_components, load_autoencoder, load_transformer
 
     device = torch.device(device)
     if model is None or model == "fluxion-tiny":
@@ -115,8 +115,11 @@ def load_models(
             )
         spec = resolve_preset(path, preset)
         tr_path = path
-        vae_path = Path(vae) if vae else (path / "vae" if path.is_dir() else None)
-        text_path = text if text else (str(path) if path.is_dir() else None)
+        parts = bundle_components(path)  # a ComfyUI all-in-one file also holds vae.* / text_encoders.*
+        vae_path = (
+            Path(vae) if vae else (path / "vae" if path.is_dir() else (path if "vae" in parts else None))
+        )
+        text_path = text if text else (str(path) if path.is_dir() or "text" in parts else None)
         if vae_path is None:
             raise ValueError(
                 f"{path} is a single transformer file: pass the autoencoder with --vae ae.safetensors"

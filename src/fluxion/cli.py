@@ -75,12 +75,14 @@ def field_help(cls) -> dict[str, str]:
             source = inspect.getsource(klass)
         except (OSError, TypeError):
             continue
-        line_field: dict[int, str] = {}
+        current = None  # the field whose statement is being read (a formatter may wrap it over lines)
         for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.type == tokenize.NAME and tok.string in names and tok.start[1] == 4:
-                line_field.setdefault(tok.start[0], tok.string)
-            elif tok.type == tokenize.COMMENT and tok.start[0] in line_field:
-                docs[line_field[tok.start[0]]] = tok.string.lstrip("#").strip()
+            if tok.type == tokenize.NAME and tok.string in names and tok.start[1] == 4 and current is None:
+                current = tok.string
+            elif tok.type == tokenize.COMMENT and current is not None:
+                docs.setdefault(current, tok.string.lstrip("#").strip())
+            elif tok.type == tokenize.NEWLINE:
+                current = None
     return docs
 
 

@@ -32,9 +32,7 @@ class Note(UserWarning):
 class Request:
     prompt: str | list[str]  # prompt(s); several prompts make a batch
     width: int | None = None  # output width in px (default: the model's; for edits the first image's)
-    height: int | None = (
-        None  # output height in px (any size >= 64; off the 16-px grid: generated larger, cropped)
-    )
+    height: int | None = None  # output height in px (>= 64; off the 16-px grid: made larger, cropped)
     steps: int | None = None  # denoising steps, 1..1000 (default: the model's, e.g. 4 for distilled klein)
     guidance: float | None = None  # guidance scale (default: the model's; fixed for distilled models)
     seed: int | None = None  # seed, 0..2**64-1 (default: random; always printed and stored in the PNG)

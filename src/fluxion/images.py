@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,15 +45,22 @@ def load_image(path: str | Path, what: str = "image") -> Image.Image:
                 check_input_pixels(im.size, f"{what} {path}")
                 im.load()  # decode now: a truncated file fails here, not halfway through a generation
                 return im
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputImageError(
-            f"{what} {path} declares more pixels than fluxion reads "
-            f"(at most {_mp(MAX_INPUT_PIXELS)}); downscale it first"
-        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise too_large(f"{what} {path}", e) from None
     except UnidentifiedImageError:
         raise ValueError(f"{what} {path} is not an image (or not a format Pillow reads)") from None
     except (OSError, SyntaxError) as e:
         raise ValueError(f"{what} {path} is damaged or truncated ({e})") from None
+
+
+def too_large(what: str, error: Exception) -> InputImageError:
+    """The one-line error for Pillow's decompression-bomb refusal (raised on the header, before ours runs; its
+    message carries the pixel count, not the sides)."""
+    count = re.search(r"\((\d+) pixels\)", str(error))
+    size = f" ({int(count[1]) / 1e6:.0f} MP)" if count else ""
+    return InputImageError(
+        f"{what} is too large{size}: fluxion reads images of at most {_mp(MAX_INPUT_PIXELS)}; downscale it first"
+    )
 
 
 def check_input_pixels(size: tuple[int, int], what: str) -> None:

@@ -66,7 +66,7 @@ def read_params(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    from fluxion.images import check_input_pixels
+    from fluxion.images import check_input_pixels, too_large
 
     try:
         with warnings.catch_warnings():
@@ -75,10 +75,8 @@ def read_params(path: str | Path) -> dict:
                 check_input_pixels(im.size, str(path))  # the bomb guard, before decoding
                 im.load()  # text chunks after the image data are read only by load(); a truncated file fails here
                 text = dict(getattr(im, "text", {}))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError(
-            f"{path} declares more pixels than fluxion reads; it is not a fluxion image"
-        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise too_large(str(path), e) from None
     except UnidentifiedImageError:
         raise ValueError(f"{path} is not an image") from None
     except (OSError, SyntaxError) as e:

@@ -646,7 +646,7 @@ def test_ctrl_c_in_generate_exits_130_without_files(tmp_path):
 
     out = tmp_path / "o.png"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fluxion.cli", "generate", "x", "--steps", 1000, "-n", 2, "-o", str(out)],
+        [sys.executable, "-m", "fluxion.cli", "generate", "x", "--steps", "1000", "-n", "2", "-o", str(out)],
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -331,14 +331,19 @@ def accel_from_args(args: argparse.Namespace, device):
     return (None if opts == AccelOptions(device=str(device)) else opts), offload == "model"
 
 
-def _apply_accel(models, opts) -> None:
-    """TEMPORARY, until `load_models(..., accel=)` lands (issue 9, loading part): the fast paths applied here,
-    after any LoRA is merged (quantized layers take no adapters)."""
-    from fluxion.accel import apply
+def accelerate(models, opts) -> None:
+    """The fast paths of `opts` on loaded `models`, in place: `accel.apply` on the transformer (after any LoRA
+    is merged: quantized layers take no adapters) and, with compile on a GPU, the VAE compiled too.
+
+    TEMPORARY home, until `load_models(..., accel=)` lands (issue 9, loading part); benchmarks/bench_e2e.py
+    calls it so that its `pipeline.generate` rows run exactly what `fluxion generate` runs."""
+    from fluxion.accel import VAEAccelOptions, apply, apply_vae
 
     if opts.cuda_graphs and models.spec.kv_cache:
         raise ValueError(f"--cuda-graphs does not cover {models.spec.name}'s KV-cache path yet; drop it")
     models.transformer = apply(models.transformer, opts).module
+    if opts.compile and models.device.type == "cuda":
+        apply_vae(models.vae, VAEAccelOptions(compile=True, compile_backend=opts.compile_backend))
 
 
 def load(args: argparse.Namespace, loras: list[tuple[str, float]] = ()):
@@ -374,7 +379,7 @@ def load(args: argparse.Namespace, loras: list[tuple[str, float]] = ()):
         merge_lora(models.transformer)  # fused into the weights: no per-step cost, and quantization sees them
         remove_lora(models.transformer, keep_merged=True)
     if opts is not None:
-        _apply_accel(models, opts)
+        accelerate(models, opts)
     if getattr(args, "prompt_cache", None):
         from fluxion.text.cache import PromptCache
 

@@ -650,7 +650,10 @@ def test_ctrl_c_in_generate_exits_130_without_files(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(8)
+    deadline, seen = time.monotonic() + 240, ""
+    while "denoising" not in seen and time.monotonic() < deadline and proc.poll() is None:
+        seen += proc.stderr.readline()
+    assert "denoising" in seen, seen
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err

@@ -197,6 +197,8 @@ def progress_bar() -> Callable[[int, int, float], None]:
                 bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
             bar.set_postfix_str(f"{seconds:.2f} s/step", refresh=False)
             bar.update(1)
+        elif step == 1 and total > 1:  # logs see that denoising started (and how long a step takes)
+            print(f"denoising: {total} steps, the first in {seconds:.2f} s", file=sys.stderr, flush=True)
         if step == total:
             if bar is not None:
                 bar.close()

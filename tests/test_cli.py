@@ -696,3 +696,15 @@ def test_threads_follow_the_free_cores(monkeypatch):
             configure_threads(torch.device("cpu"), 0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_edit_of_a_large_photo_fits_the_model_with_a_note(tmp_path, capsys):
+    """The embedded fluxion-tiny (made for 128²) editing a 1024x768 photo: the output is scaled to what the
+    model handles (not a 0.8 MP generation on a CPU), and the reference is resized, each with a note."""
+    photo = picture(tmp_path / "photo.png", 1024, 768, 7)
+    out = tmp_path / "e.png"
+    code, _, err = run(capsys, "edit", "-i", photo, "make it blue", "--steps", 1, "--seed", 1, "-o", out)
+    assert code == 0, err
+    w, h = Image.open(out).size
+    assert w * h <= 256 * 256 and abs(w / h - 4 / 3) < 0.02
+    assert f"note: the output is {w}x{h}" in err and "note: reference image 1 is 1024x768; resized" in err

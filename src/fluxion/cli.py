@@ -547,10 +547,11 @@ def interactive_main(args: argparse.Namespace, inp: TextIO | None = None, out: T
     settings["noise"] = settings["noise"] or "fluxion"
     from fluxion.request import Request
 
-    Request(prompt="x", **{k: v for k, v in settings.items() if k != "seed"})  # checked before loading
+    Request(prompt="x", **settings)  # checked before loading
     loras = [parse_lora(text) for text in args.lora or ()]
     preflight(args)
-    run_repl(load(args, loras), inp or sys.stdin, out or sys.stdout, outdir, settings, progress_bar)
+    extra = {"loras": [{"path": str(p), "scale": s} for p, s in loras]} if loras else {}
+    run_repl(load(args, loras), inp or sys.stdin, out or sys.stdout, outdir, settings, progress_bar, extra)
     return 0
 
 

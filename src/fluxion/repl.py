@@ -69,10 +69,11 @@ def run_repl(
     outdir: Path,
     settings: dict,
     progress: Callable[[], Callable] | None = None,
+    extra_params: dict | None = None,
 ) -> list[Path]:
     """Read commands and prompts line by line from `inp`; outputs go to `outdir` as $1, $2, ... (returned).
     `settings`: Request fields (width, height, steps, guidance, seed, ...); `progress`: a factory of per-call
-    progress callbacks."""
+    progress callbacks; `extra_params`: stored in every PNG too (e.g. the LoRAs merged into the model)."""
     from fluxion.images import fit_size, load_image, model_pixel_range
     from fluxion.metadata import save_png
     from fluxion.request import Request
@@ -137,6 +138,7 @@ def run_repl(
                 )
                 start = time.perf_counter()
                 result = generate(models, request, progress=progress() if progress else None)[0]
+                result.params.update(extra_params or {})
                 path = save_png(result, outdir / f"image-{len(images) + 1:04d}.png")
                 images.append(path)
                 w, h = result.image.size

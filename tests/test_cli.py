@@ -708,3 +708,10 @@ def test_edit_of_a_large_photo_fits_the_model_with_a_note(tmp_path, capsys):
     w, h = Image.open(out).size
     assert w * h <= 256 * 256 and abs(w / h - 4 / 3) < 0.02
     assert f"note: the output is {w}x{h}" in err and "note: reference image 1 is 1024x768; resized" in err
+
+
+def test_repl_with_a_lora_records_it(tmp_path, model_args, lora_file, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a red apple\n"))
+    code, _, err = run(capsys, "interactive", "--outdir", tmp_path, "--lora", lora_file, *model_args)
+    assert code == 0, err
+    assert read_params(tmp_path / "image-0001.png")["loras"] == [{"path": lora_file, "scale": 1.0}]

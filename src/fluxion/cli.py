@@ -344,7 +344,9 @@ def accelerate(models, opts) -> None:
     if opts.cuda_graphs and models.spec.kv_cache:
         raise ValueError(f"--cuda-graphs does not cover {models.spec.name}'s KV-cache path yet; drop it")
     models.transformer = apply(models.transformer, opts).module
-    if opts.compile and models.device.type == "cuda":
+    decoder = getattr(models.vae, "decoder", None)
+    compiled = getattr(decoder, "_compiled_call_impl", None) is not None  # e.g. a second accelerate() call
+    if opts.compile and models.device.type == "cuda" and not compiled:
         apply_vae(models.vae, VAEAccelOptions(compile=True, compile_backend=opts.compile_backend))
 
 

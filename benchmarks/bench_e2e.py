@@ -3,6 +3,13 @@ with each part timed alone, a kernel-time breakdown of one transformer step, and
 same run.
 
     python benchmarks/bench_e2e.py [--budget-s 240] [--smoke]
+    python benchmarks/bench_e2e.py --mode pipeline [--budget-s 420] [--smoke]
+
+`--mode pipeline` times what a user gets: `fluxion.sampling.pipeline.generate` itself (prompt string in, PIL image
+out, warm, median of 5), with the fast paths switched on by the same code as `fluxion generate --compile
+--cuda-graphs [--fp8]` (`fluxion.cli.accelerate`), next to the hand-built path above on the same model objects and
+diffusers' `Flux2KleinPipeline` whole call (eager, then with its transformer compiled) on the same weights (its
+transformer shares our storage, its VAE and Qwen3 hold copies of ours). Writes bench_e2e_pipeline.json.
 
 Random weights, real sizes: a Qwen3-4B-shaped text encoder (36 layers, width 2560; taps 9/18/27; 512 tokens;
 tokenisation excluded) run through fluxion's `TextEncoder` (which drops the 9 layers after the last tap), 4 Euler
@@ -97,8 +104,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--mode", choices=["parts", "pipeline"], default="parts")
     args = ap.parse_args()
     set_dynamo_limits()
+    if args.mode == "pipeline":
+        return pipeline_main(args)
     R = Report(out_dir() / "bench_e2e.json", args.budget_s)
     cuda = not args.smoke
     device = "cuda" if cuda else "cpu"
@@ -306,6 +316,222 @@ def main() -> None:
         for k in p["top"][:8]:
             print("   ", k)
     print({k: v for k, v in R.data.items() if k not in ("rows", "env", "profile")})
+
+
+# --- --mode pipeline ---------------------------------------------------------------------------------------------
+PROMPT = "a lighthouse on a cliff at dusk, waves breaking below, warm light in the windows"
+QWEN3_TEMPLATE = (  # what Qwen3's own template renders for one user turn with enable_thinking=False
+    "{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}{%- endif -%}"
+)
+
+
+def offline_qwen3_tokenizer():
+    """A byte-level BPE trained in memory with Qwen3's special tokens and chat template: no hub on the GPU
+    machine. Token ids differ from the real tokenizer's, the token count and the work per token do not."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([PROMPT, "user assistant think"], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="right",
+        chat_template=QWEN3_TEMPLATE,
+    )
+
+
+def pipeline_main(args) -> None:
+    import copy
+    import dataclasses
+
+    from transformers import Qwen3ForCausalLM
+
+    from fluxion.cli import accelerate
+    from fluxion.request import Request
+    from fluxion.sampling import pipeline
+    from fluxion.weights.models import Models
+
+    R = Report(out_dir() / "bench_e2e_pipeline.json", args.budget_s)
+    cuda = not args.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    spec = PRESETS["flux2-klein-4b"]
+    if args.smoke:
+        spec = dataclasses.replace(
+            spec,
+            transformer=small_cfg(spec.transformer),
+            vae=DEBUG_VAE,
+            text=dataclasses.replace(spec.text, hidden_size=32, max_length=64),
+            default_size=(64, 64),
+        )
+    size = spec.default_size[0]
+    steps = spec.default_steps
+    L = spec.text.max_length
+
+    # --- the same weights for everyone ---
+    qcfg = qwen3_config(args.smoke)
+    qcfg._attn_implementation = "sdpa"
+    with default_dtype(torch.bfloat16), torch.device(device):
+        full_te = Qwen3ForCausalLM(qcfg).eval().requires_grad_(False)
+    tokenizer = offline_qwen3_tokenizer()
+    te = TextEncoder(copy.deepcopy(full_te), tokenizer=tokenizer, cfg=spec.text)  # pruned after the last tap
+    model = build_ours(spec.transformer, device=device)
+    with default_dtype(torch.bfloat16), torch.device(device):
+        vae = AutoEncoder(spec.vae).eval().requires_grad_(False)
+    vae.bn.running_mean.zero_()
+    vae.bn.running_var.fill_(1.0)
+    # bf16 VAE (as the hand-built rows and diffusers' bf16 pipeline); Models.dtype is the transformer's.
+    models = Models(spec=spec, transformer=model, vae=vae, text=te, device=device, dtype=torch.bfloat16)
+    request = Request(prompt=PROMPT, seed=0, width=size, height=size, steps=steps)
+    side = size // 16
+    batch = {k: v.to(device) for k, v in te.tokenize([PROMPT]).items()}
+    noise = torch.randn(1, side * side, 128, device=device, dtype=torch.bfloat16)
+    x_ids, ctx_ids = image_ids(side, side, device=device), text_ids(L, device=device)
+    schedule = get_schedule(steps, side * side)
+
+    def hand_built():  # the README's former figure: tokens in, pixels out (no tokenizer, no PIL)
+        ctx = te.encode_tokens(batch)
+        x = denoise(models.transformer, noise, x_ids, Conditioning(ctx, ctx_ids), schedule, Guidance())
+        return vae.decode(unpack(x, side, side).to(torch.bfloat16)).clamp(-1, 1)
+
+    def ours():
+        return pipeline.generate(models, request)[0].image
+
+    def item(name, need_s, fn):
+        if not R.has_time(need_s):
+            R.skip(name)
+            return None
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - outermost handler of an item
+            R.error(name, exc)
+            return None
+
+    def row(part, fn, warmup=2, iters=5, **extra):
+        if args.smoke:  # checks the script on a CPU; measures nothing
+            warmup, iters = 1, 1
+        timing = time_cuda(fn, warmup, iters)
+        return R.add(model="klein-4B", part=part, size=size, steps=steps, **timing, **extra)
+
+    def diffusers_pipe():
+        import inspect
+
+        import diffusers
+
+        from fluxion.weights.load import diffusers_vae_config
+        from fluxion.weights.vae_mapping import vae_bfl_to_diffusers
+
+        accepted = inspect.signature(diffusers.AutoencoderKLFlux2.__init__).parameters
+        kw = {k: v for k, v in diffusers_vae_config(vae.cfg).items() if k in accepted}
+        with torch.device("meta"):
+            dv = diffusers.AutoencoderKLFlux2(**kw)
+        state = {k: v.clone() for k, v in vae.state_dict().items()}
+        dv.load_state_dict(vae_bfl_to_diffusers(state), strict=True, assign=True)
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+            time_shift_type="exponential",
+        )
+        pipe = diffusers.Flux2KleinPipeline(
+            scheduler=scheduler,
+            vae=dv.to(device).eval(),
+            text_encoder=full_te,
+            tokenizer=tokenizer,
+            transformer=build_diffusers_sharing(model),
+            is_distilled=True,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    pipe = {}
+
+    def diffusers_call():
+        g = torch.Generator(device).manual_seed(0)
+        return pipe["p"](
+            prompt=PROMPT,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            generator=g,
+            max_sequence_length=L,
+            text_encoder_out_layers=spec.text.hidden_layers,
+        ).images[0]
+
+    backend = "inductor" if cuda else "eager"
+    fast = dict(compile=True, compile_backend=backend, cuda_graphs=cuda, device=str(device))
+    fast["attention"] = "cudnn" if cuda else "sdpa"
+    with torch.no_grad():
+        # 1. diffusers eager, before anything is compiled
+        def diffusers_eager():
+            pipe["p"] = diffusers_pipe()
+            row("diffusers Flux2KleinPipeline whole call, eager", diffusers_call, warmup=1)
+
+        item("diffusers eager", 30, diffusers_eager)
+        # 2. ours bf16: pipeline.generate and the hand-built path on the same accelerated objects
+        from fluxion.accel import AccelOptions
+
+        def ours_bf16():
+            accelerate(models, AccelOptions(**fast))
+            row("pipeline.generate bf16 (--compile --cuda-graphs)", ours, warmup=3)
+            row("hand-built e2e bf16 (same objects: tokens in, pixels out)", hand_built)
+
+        item("ours bf16", 120, ours_bf16)
+
+        # 3. ours fp8
+        def ours_fp8():
+            from common import uncompile
+
+            uncompile(model)
+            models.transformer = model
+            accelerate(models, AccelOptions(**fast, fp8=cuda))
+            row("pipeline.generate fp8 (--fp8 --compile --cuda-graphs)", ours, warmup=3)
+            row("hand-built e2e fp8 (same objects: tokens in, pixels out)", hand_built)
+
+        item("ours fp8", 90, ours_fp8)
+
+        # 4. diffusers with its transformer compiled (regional, as diffusers recommends)
+        def diffusers_compiled():
+            if "p" not in pipe:
+                pipe["p"] = diffusers_pipe()
+            t = pipe["p"].transformer
+            if hasattr(t, "compile_repeated_blocks") and getattr(t, "_repeated_blocks", None):
+                t.compile_repeated_blocks(fullgraph=True, backend=backend)
+                how = "compile_repeated_blocks"
+            else:
+                pipe["p"].transformer = torch.compile(t, backend=backend)
+                how = "torch.compile"
+            row(
+                f"diffusers Flux2KleinPipeline whole call, transformer compiled ({how})",
+                diffusers_call,
+                warmup=2,
+            )
+
+        item("diffusers compiled", 120, diffusers_compiled)
+    R.write()
+    for r in R.data["rows"]:
+        print(f"{r['part']:75} {r['ms']:8.1f} ms  peak {r['peak_gib']:6.2f} GiB  first {r['warmup_s']} s")
+    print({k: v for k, v in R.data.items() if k not in ("rows", "env")})
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -318,3 +319,399 @@ def test_guidance_override_with_permission_warns(tmp_path, model_args, capsys):
         capsys, "generate", "x", "--guidance", 2, "--allow-override", "-o", out, *model_args
     )
     assert code == 0 and "warning: overriding" in stderr and read_params(out)["guidance"] == 2.0
+
+
+# --- issue 9: what a new user hit --------------------------------------------------------------------------------
+def bomb_png(path, width: int = 20000, height: int = 20000) -> str:
+    """A PNG whose header declares width x height (a decompression bomb: tiny on disk, 1.2 GB decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" + b"\x00" * (width * 3)
+    body = zlib.compress(row * 8, 9)  # a few rows are enough for the header check to matter
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    Path(path).write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    )
+    return str(path)
+
+
+def one_error_line(code: int, err: str, command: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith(f"fluxion {command}: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["data fetch", "data build"])
+def test_help_of_nested_subcommands(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command.split(), "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: fluxion {command}")
+
+
+def test_every_subcommand_documents_its_own_options(capsys):
+    """Options generated from the dataclasses: each --help lists them, with the field's comment as help."""
+    expect = {
+        "generate": [
+            "--fp8",
+            "--compile",
+            "--cuda-graphs",
+            "--attention",
+            "--quant",
+            "--offload",
+            "--noise",
+            "--generator-device",
+            "--negative-prompt",
+            "--negative",
+            "--lora",
+            "1..1000",
+        ],
+        "edit": ["--image", "--lora", "--fp8"],
+        "inpaint": ["--mask", "--strength", "--lora", "--quant"],
+        "interactive": ["--outdir", "--lora", "--compile"],
+        "eval": ["--out", "--num-typography", "--quick", "JSON report"],
+        "train": ["--vae", "--lora-rank", "--steps"],
+        "train-lora": ["--rank", "--alpha", "--batch-size"],
+    }
+    for command, flags in expect.items():
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert all(flag in out for flag in flags), (command, [f for f in flags if f not in out])
+
+
+def test_eval_out_as_the_model_card_writes_it(tmp_path, capsys):
+    """`fluxion eval --out X` (no `--`): options are the subcommand's own. Zero items: only loading and the
+    report are exercised here (test_evaluate.py covers the sections)."""
+    out = tmp_path / "eval.json"
+    zero = ["--num-typography", 0, "--num-colour", 0, "--num-recognition", 0, "--num-edits", 0]
+    code, stdout, err = run(capsys, "eval", "--out", out, *zero)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["model"] == "fluxion-tiny" and report["config"]["out"] == str(out) and "wrote" in stdout
+
+
+BOMB_CASES = {
+    "edit -i": "edit -i {bomb} x -o {out}",
+    "inpaint -i": "inpaint -i {bomb} --mask {ok} x -o {out}",
+    "--from": "generate --from {bomb} -o {out}",
+}
+
+
+@pytest.mark.parametrize("case", BOMB_CASES)
+def test_decompression_bomb_is_one_line(case, tmp_path, model_args, capsys):
+    files = {
+        "bomb": bomb_png(tmp_path / "bomb.png"),
+        "ok": picture(tmp_path / "ok.png", 64, 64),
+        "out": tmp_path / "o.png",
+    }
+    argv = [a.format(**files) for a in BOMB_CASES[case].split()]
+    line = one_error_line(*run(capsys, *argv, *model_args)[::2], argv[0])
+    assert "8192x8192" in line and ("400 MP" in line or "20000x20000" in line)
+    assert not (tmp_path / "o.png").exists()
+
+
+CHECKED_BEFORE_LOADING = {  # (arguments, message); the model does not exist, so loading would fail differently
+    "guidance nan": ("generate x --guidance nan -o {out}", "finite"),
+    "guidance inf": ("generate x --guidance inf -o {out}", "finite"),
+    "guidance 1e30": ("generate x --guidance 1e30 -o {out}", "at most 100"),
+    "width 0": ("generate x -W 0 -o {out}", "at least 64"),
+    "seed 2**64": (f"generate x --seed {2**64} -o {{out}}", "seed must be in 0..2**64-1"),
+    "steps 1001": ("generate x --steps 1001 -o {out}", "at most 1000"),
+    "output in a file": ("generate x -o {file}/out.png", "is a file, not a folder"),
+    "output is a folder": ("generate x -o {folder}", "is a folder"),
+    "device foo": ("generate x --device foo -o {out}", "unknown device 'foo'"),
+    "fp8 on cpu": ("generate x --fp8 --device cpu -o {out}", "--fp8 needs a CUDA GPU"),
+    "graphs with offload": ("generate x --cuda-graphs --offload blocks -o {out}", "--cuda-graphs needs"),
+    "fp8 and quant": ("generate x --fp8 --quant int8 -o {out}", "choose one"),
+    "cudnn on cpu": ("generate x --attention cudnn --device cpu -o {out}", "needs a CUDA GPU"),
+    "bad lora scale": ("generate x --lora {file}:inf -o {out}", "finite"),
+    "missing lora": ("generate x --lora {folder}/none.safetensors -o {out}", "LoRA file not found"),
+    "invalid utf-8": ("generate caf\udce9 -o {out}", "not valid UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", CHECKED_BEFORE_LOADING)
+def test_checked_before_the_model_loads(case, tmp_path, capsys):
+    (tmp_path / "file.png").write_bytes(b"x")
+    (tmp_path / "folder.png").mkdir()
+    paths = {"out": tmp_path / "o.png", "file": tmp_path / "file.png", "folder": tmp_path / "folder.png"}
+    template, message = CHECKED_BEFORE_LOADING[case]
+    argv = [a.format(**paths) for a in template.split()]
+    code, _, err = run(capsys, *argv, "--model", tmp_path / "no-such-model")
+    assert message in one_error_line(code, err, "generate")
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_device_cuda_without_cuda(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run(capsys, "generate", "x", "--device", "cuda", "-o", tmp_path / "o.png")
+    assert "no CUDA device here" in one_error_line(code, err, "generate")
+
+
+@pytest.mark.parametrize("flag", [["--vae", "ae.safetensors"], ["--preset", "flux2-klein-4b"]])
+def test_vae_or_preset_with_the_embedded_model(flag, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "x", *flag, "-o", tmp_path / "o.png")
+    assert "the embedded fluxion-tiny brings its own" in one_error_line(code, err, "generate")
+
+
+def test_long_prompt_and_far_size_are_stated(tmp_path, model_args, capsys):
+    code, _, err = run(
+        capsys, "generate", " ".join(["cat"] * 80), "--seed", 1, "-o", tmp_path / "o.png", *model_args
+    )
+    lines = [line for line in err.splitlines() if "warning" in line]
+    assert code == 0 and len(lines) == 1 and "tokens are dropped" in lines[0], err
+
+
+def test_all_black_mask_is_a_note(tmp_path, model_args, capsys):
+    src = picture(tmp_path / "src.png", 64, 64, 3)
+    Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
+    out = tmp_path / "o.png"
+    code, _, err = run(
+        capsys, "inpaint", "-i", src, "--mask", tmp_path / "black.png", "x", "-o", out, *model_args
+    )
+    assert code == 0 and "fluxion inpaint: note: the mask is all black" in err
+    assert np.array_equal(pixels(out), pixels(src))
+
+
+def test_true_cfg_at_guidance_1_says_so(tmp_path, model_args, capsys):
+    out = tmp_path / "o.png"
+    argv = ["generate", "x", "--guidance", 1, "--negative-prompt", "blur", "-o", out, *model_args]
+    code, _, err = run(capsys, *argv, "--preset", "test-klein-base")
+    notes = [line for line in err.splitlines() if ": note: " in line]
+    assert code == 0 and len(notes) == 1 and "classifier-free guidance off" in notes[0], err
+
+
+def test_noise_modes_and_negative_alias(tmp_path, model_args, capsys):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    common = ["x", "-n", 2, "--seed", 4, "--generator-device", "cpu", *model_args]
+    assert run(capsys, "generate", *common, "--noise", "diffusers", "-o", a)[0] == 0
+    assert run(capsys, "generate", *common, "-o", b)[0] == 0
+    first = output_paths(a, 2)
+    assert read_params(first[1])["noise"] == "diffusers" and read_params(first[1])["seed"] == 4
+    assert (
+        "noise" not in read_params(output_paths(b, 2)[1]) and read_params(output_paths(b, 2)[1])["seed"] == 5
+    )
+    assert not np.array_equal(pixels(first[1]), pixels(output_paths(b, 2)[1]))
+    # --from keeps the noise mode: the batch's first image alone draws the same noise (a CPU generator's draw
+    # of [1, ...] is the start of its [2, ...] draw); a batch of 1 vs 2 rounds a few pixels one level apart.
+    again = tmp_path / "again.png"
+    assert run(capsys, "generate", "--from", first[0], "-o", again, *model_args)[0] == 0
+    diff = np.abs(pixels(again).astype(int) - pixels(first[0]).astype(int))
+    assert read_params(again)["noise"] == "diffusers" and diff.max() <= 2 and diff.mean() < 0.1
+    code, _, err = run(capsys, "generate", "--from", first[1], "-o", again, *model_args)
+    assert code == 0 and "image 2 of a --noise diffusers batch of 2" in err
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    """A LoRA for the test model written by fluxion.lora.save_lora (random, non-zero up weights)."""
+    import torch
+
+    from fluxion.lora import inject_lora, save_lora
+    from fluxion.model.transformer import Flux2
+
+    model = Flux2(KLEIN.transformer)
+    inject_lora(model, rank=4, alpha=4, targets=["*img_attn.qkv", "*linear1"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    path = tmp_path_factory.mktemp("lora") / "style.safetensors"
+    save_lora(model, path)
+    return str(path)
+
+
+def test_lora_is_applied_recorded_and_honoured_by_from(tmp_path, model_args, lora_file, capsys):
+    plain, styled, again = tmp_path / "plain.png", tmp_path / "styled.png", tmp_path / "again.png"
+    assert run(capsys, "generate", "x", "--seed", 2, "-o", plain, *model_args)[0] == 0
+    code, _, err = run(
+        capsys, "generate", "x", "--seed", 2, "--lora", f"{lora_file}:0.5", "-o", styled, *model_args
+    )
+    assert code == 0, err
+    assert read_params(styled)["loras"] == [{"path": lora_file, "scale": 0.5}]
+    assert not np.array_equal(pixels(plain), pixels(styled))
+    assert run(capsys, "generate", "--from", styled, "-o", again, *model_args)[0] == 0
+    assert (
+        np.array_equal(pixels(again), pixels(styled))
+        and read_params(again)["loras"] == read_params(styled)["loras"]
+    )
+
+
+def test_quant_int8_fast_path_runs_on_cpu(tmp_path, model_args, capsys):
+    out = tmp_path / "q.png"
+    code, _, err = run(
+        capsys, "generate", "x", "--seed", 1, "--quant", "int8", "--offload", "model", "-o", out, *model_args
+    )
+    assert code == 0, err
+    assert Image.open(out).size == (64, 64)
+
+
+def test_result_save_keeps_metadata(tmp_path):
+    result = Result(Image.new("RGB", (64, 64)), 5, {"prompt": "p", "seed": 5})
+    path = result.save(tmp_path / "r.png")
+    assert read_params(path)["seed"] == 5 and read_params(path)["prompt"] == "p"
+    assert not list(tmp_path.glob(".*.part"))  # written to a temporary name, then renamed
+
+
+def test_train_recipe_without_vae(tmp_path, capsys):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('model = "fluxion-tiny"\ndata = ["d"]\nout = "o"\n')
+    code, _, err = run(capsys, "train", recipe)
+    line = one_error_line(code, err, "train")
+    assert "sets no vae" in line and "--vae" in line
+
+
+@pytest.fixture(scope="module")
+def lora_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lora_data")
+    for i in range(2):
+        picture(folder / f"{i}.png", 64, 64, i)
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+    return str(folder)
+
+
+def test_train_lora_into_a_finished_or_other_rank_run(tmp_path, files, lora_data, capsys):
+    """A real 1-step run leaves a rank-4 checkpoint; another --rank, or a finished folder, is one line."""
+    from fluxion.train.train import TrainConfig
+    from fluxion.train.train import main as train
+
+    out = tmp_path / "run"
+    base = dict(model=KLEIN.name, data=(lora_data,), out=str(out), vae=files["vae"], text=files["text"])
+    train(
+        TrainConfig(
+            **base, init=files["model"], steps=3, batch_size=1, lora_rank=4, max_steps_this_run=1, warmup=1
+        )
+    )
+    argv = [
+        "train-lora",
+        "--data",
+        lora_data,
+        "--out",
+        out,
+        "--model",
+        files["model"],
+        "--preset",
+        KLEIN.name,
+    ]
+    argv += ["--vae", files["vae"], "--text", files["text"], "--steps", 3, "--batch-size", 1]
+    code, _, err = run(capsys, *argv, "--rank", 8)
+    assert "unfinished rank-4 LoRA run" in one_error_line(code, err, "train-lora")
+    code, stdout, err = run(capsys, *argv, "--rank", 4)  # the same rank resumes and finishes
+    assert code == 0 and (out / "lora.safetensors").is_file(), err
+    code, _, err = run(capsys, *argv, "--rank", 4)
+    assert "already holds a finished LoRA" in one_error_line(code, err, "train-lora")
+
+
+def test_repl_survives_a_bomb_and_ctrl_c(tmp_path, model_args, capsys, monkeypatch):
+    """!load of a decompression bomb is one error line; Ctrl-C during a generation (KeyboardInterrupt raised
+    from inside the denoising loop, where a real SIGINT lands) stops it, and the session goes on."""
+    import fluxion.cli as cli
+
+    interrupted = []
+
+    def progress():
+        def update(step, total, seconds):
+            if not interrupted:
+                interrupted.append(step)
+                raise KeyboardInterrupt
+
+        return update
+
+    monkeypatch.setattr(cli, "progress_bar", progress)
+    bomb = bomb_png(tmp_path / "bomb.png")
+    lines = [f"!load {bomb}", "a red apple", "a blue apple", "!quit"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    code, out, _ = run(capsys, "interactive", "--outdir", tmp_path / "s", "--seed", 1, *model_args)
+    assert code == 0
+    assert "error:" in out and "400 MP" in out and "8192x8192" in out
+    assert "interrupted; nothing saved" in out
+    assert [p.name for p in sorted((tmp_path / "s").glob("*.png"))] == ["image-0001.png"]
+    assert "$1 " in out and not list((tmp_path / "s").glob(".*.part"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_generate_exits_130_without_files(tmp_path):
+    """A real SIGINT to a real `fluxion generate` (the embedded model, 1000 steps: minutes if not stopped)."""
+    import signal
+    import time
+
+    out = tmp_path / "o.png"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fluxion.cli", "generate", "x", "--steps", "1000", "-n", "2", "-o", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline, seen = time.monotonic() + 240, ""
+    while "denoising" not in seen and time.monotonic() < deadline and proc.poll() is None:
+        seen += proc.stderr.readline()
+    assert "denoising" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_embedded_path_imports_no_transformers(tmp_path):
+    """The [tiny] extra has no transformers: generating with the embedded model must not import it."""
+    code = (
+        "import sys; from fluxion.cli import main; "
+        f"rc = main(['generate', 'a red heart', '-o', {str(tmp_path / 'h.png')!r}, '--steps', '1', '--seed', '1']); "
+        "print(rc, sorted(m for m in ('transformers', 'diffusers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout + done.stderr
+
+
+def test_import_fluxion_is_light_and_exports_the_api():
+    code = (
+        "import sys, fluxion; light = 'torch' not in sys.modules; "
+        "names = [n for n in ('generate', 'load_models', 'Request', 'Result', 'AccelOptions', 'load_lora') "
+        "if n not in dir(fluxion)]; r = fluxion.Request(prompt='x'); print(light, names, type(r).__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["True", "[]", "Request"], done.stdout + done.stderr
+
+
+def test_threads_follow_the_free_cores(monkeypatch):
+    import torch
+
+    from fluxion.cli import configure_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1e6, 0.0, 0.0))  # a machine full of other work
+    try:
+        assert configure_threads(torch.device("cpu"), None) == 1 == torch.get_num_threads()
+        assert configure_threads(torch.device("cpu"), 2) == 2
+        with pytest.raises(ValueError, match="at least 1"):
+            configure_threads(torch.device("cpu"), 0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_edit_of_a_large_photo_fits_the_model_with_a_note(tmp_path, capsys):
+    """The embedded fluxion-tiny (made for 128²) editing a 1024x768 photo: the output is scaled to what the
+    model handles (not a 0.8 MP generation on a CPU), and the reference is resized, each with a note."""
+    photo = picture(tmp_path / "photo.png", 1024, 768, 7)
+    out = tmp_path / "e.png"
+    code, _, err = run(capsys, "edit", "-i", photo, "make it blue", "--steps", 1, "--seed", 1, "-o", out)
+    assert code == 0, err
+    w, h = Image.open(out).size
+    assert w * h <= 256 * 256 and abs(w / h - 4 / 3) < 0.02
+    assert f"note: the output is {w}x{h}" in err and "note: reference image 1 is 1024x768; resized" in err
+
+
+def test_repl_with_a_lora_records_it(tmp_path, model_args, lora_file, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a red apple\n"))
+    code, _, err = run(capsys, "interactive", "--outdir", tmp_path, "--lora", lora_file, *model_args)
+    assert code == 0, err
+    assert read_params(tmp_path / "image-0001.png")["loras"] == [{"path": lora_file, "scale": 1.0}]

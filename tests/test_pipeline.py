@@ -470,3 +470,102 @@ def test_prompt_cache_then_released_encoder_and_offload_give_the_same_image(klei
     cached.text = text
     offloaded = P.Models(**{**vars(cached), "offload": True})
     assert np.array_equal(np.asarray(P.generate(offloaded, request)[0].image), np.asarray(first.image))
+
+
+# --- parity switches and stated notes (issue 9) -------------------------------------------------------------------
+def test_diffusers_noise_mode_matches_a_batch_from_one_generator(klein, capture):
+    """--noise diffusers: diffusers' Flux2KleinPipeline given ONE generator for a batch of 2 (its randn_tensor
+    draws [B, 128, h, w] at once) gives the same latents and pixels as ours with noise="diffusers"."""
+    comps, models = klein
+    models = with_spec(models, KLEIN)
+    width, height, seed = 64, 80, 5
+    pipe = diffusers_pipeline(Flux2KleinPipeline, comps, is_distilled=True)
+    want_tokens, want_px = run_diffusers(
+        pipe, 4, [seed], KLEIN.text, prompt=PROMPT, height=height, width=width, num_images_per_prompt=2
+    )
+    request = P.Request(
+        prompt=PROMPT,
+        width=width,
+        height=height,
+        seed=seed,
+        num_images=2,
+        noise="diffusers",
+        generator_device="cpu",
+    )
+    results = P.generate(models, request)
+    d_tok = (capture["tokens"][-1] - want_tokens).abs().max().item()
+    d_px = (to_unit(capture["pixels"][-1]) - want_px).abs().max().item()
+    report("klein-diffusers-noise", d_tok, d_px)
+    assert d_tok <= TOL and d_px <= TOL
+    assert [r.params["batch_index"] for r in results] == [0, 1] and {r.seed for r in results} == {seed}
+    # the default per-image seeds draw other noise for image 2 (seed + 1), so the modes really differ
+    P.generate(models, dataclasses.replace(request, noise="fluxion"))
+    assert (capture["tokens"][-1][1] - want_tokens[1]).abs().max() > 100 * TOL
+
+
+def test_true_cfg_at_guidance_1_is_one_forward_as_in_diffusers(klein, capture):
+    """klein base asked for guidance 1: diffusers runs no CFG (guidance_scale > 1 only); so do we, with a note."""
+    comps, models = klein
+    models = with_spec(models, KLEIN_BASE)
+    width, height, seed, steps = 64, 64, 9, 3
+    pipe = diffusers_pipeline(Flux2KleinPipeline, comps, is_distilled=False)
+    want_tokens, _ = run_diffusers(
+        pipe, steps, [seed], KLEIN_BASE.text, prompt=PROMPT, height=height, width=width, guidance_scale=1.0
+    )
+    calls = []
+    handle = models.transformer.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    try:
+        with pytest.warns(P.Note, match="turns classifier-free guidance off"):
+            P.generate(
+                models,
+                P.Request(
+                    prompt=PROMPT,
+                    width=width,
+                    height=height,
+                    steps=steps,
+                    seed=seed,
+                    guidance=1.0,
+                    generator_device="cpu",
+                ),
+            )
+    finally:
+        handle.remove()
+    assert calls == [1] * steps  # one forward of batch 1 per step, not a batch of 2
+    assert (capture["tokens"][-1] - want_tokens).abs().max().item() <= TOL
+
+
+def test_notes_and_warnings_of_the_pipeline(klein):
+    """Stated, never silent: a prompt over the token limit, an all-black mask, a huge reference, a size far
+    from the model's."""
+    _, models = klein
+    small = dataclasses.replace(KLEIN, reference_pixels=(64 * 64, 64 * 64), default_size=(64, 64))
+    models = with_spec(models, small)
+    long_prompt = " ".join(["cat"] * 80)  # TINY_QWEN3 reads 48 tokens
+    with pytest.warns(UserWarning, match=r"is \d+ tokens; the text encoder reads 48: the last \d+ tokens"):
+        P.generate(models, P.Request(prompt=long_prompt, seed=0, steps=1))
+    source = image(64, 64, 1)
+    with pytest.warns(P.Note, match="mask is all black"):
+        out = P.inpaint(models, P.Request(prompt=PROMPT, seed=0, steps=1), source, Image.new("L", (64, 64)))
+    assert np.array_equal(np.asarray(out[0].image), np.asarray(source))  # composite keeps every pixel
+    with pytest.warns(P.Note, match=r"reference image 1 is 512x512; resized to 64x64"):
+        P.generate(models, P.Request(prompt=PROMPT, seed=0, steps=1, references=(image(512, 512, 2),)))
+    with pytest.warns(UserWarning, match="far from the sizes"):
+        P.generate(models, P.Request(prompt=PROMPT, seed=0, steps=1, width=512, height=512))
+
+
+def test_request_checks_before_any_model(klein):
+    """Checked when the Request is built (no model needed): the CLI does this before loading."""
+    for fields, message in [
+        (dict(guidance=float("nan")), "finite"),
+        (dict(guidance=float("inf")), "finite"),
+        (dict(guidance=1e30), "at most 100"),
+        (dict(width=0), "at least 64"),
+        (dict(seed=2**64), "seed must be in"),
+        (dict(seed=2**64 - 1, num_images=2), "seed must be in"),
+        (dict(steps=1001), "at most 1000"),
+        (dict(prompt="caf\udce9"), "not valid UTF-8"),
+        (dict(noise="numpy"), "noise must be"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            P.Request(**{"prompt": PROMPT, **fields})
+    P.Request(prompt=PROMPT, seed=2**64 - 1)  # the top of the range is fine

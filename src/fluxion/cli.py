@@ -1,70 +1,164 @@
-"""The `fluxion` command.
+"""The `fluxion` command: dispatch only.
 
     fluxion generate "a red apple on a wooden table" -o apple.png                (the embedded model)
     fluxion generate "a lighthouse" -o out.png --model flux-2-klein-4b.safetensors --vae ae.safetensors --text qwen3/
     fluxion generate "a lighthouse" "a harbour" -n 2 -o out.png       -> out.png out-1.png out-2.png out-3.png
+    fluxion generate "a fox" -o fox.png --model klein/ --fp8 --compile --cuda-graphs     (the fast paths)
     fluxion generate --from apple.png -o again.png --steps 8        (settings from the PNG, options override)
-    fluxion edit -i cat.png -i hat.png "the cat wearing the hat" -o out.png
+    fluxion edit -i cat.png -i hat.png "the cat wearing the hat" -o out.png --lora style.safetensors:0.8
     fluxion inpaint -i room.png --mask mask.png "a red sofa" -o out.png --strength 0.8
-    fluxion interactive --model ...                                  (a REPL; type !help)
+    fluxion interactive --model ...                                  (a REPL, fluxion.repl; type !help)
+    fluxion eval --quick --out quick.json
     fluxion convert flux-2-klein-4b.safetensors klein/transformer --to diffusers
 
-Several outputs are numbered in the order prompts x images per prompt: OUT.png, OUT-1.png, OUT-2.png, ...; each
-PNG carries its own prompt and seed (fluxion.metadata). Sampling flags map 1:1 onto `fluxion.request.Request` fields.
+Options are generated from the dataclasses they fill (`options_from`): sampling flags from `fluxion.request.Request`,
+fast-path flags from `fluxion.accel.AccelOptions`, `train` from `TrainConfig`, `eval` from `EvalConfig`, `data build`
+from `PlanConfig`; the comment after each field is its help text. So every subcommand's --help lists its options.
 
-Adding a subcommand = one `*_main(args)` function plus one entry in COMMANDS (help text and options). Each
-`*_main` reads its inputs, calls one library function and writes the outputs. Errors the user can fix
-(ValueError and its subclasses, missing or unreadable files) end as one line on stderr and exit code 2; anything
-else is a bug and keeps its traceback.
+Several outputs are numbered in the order prompts x images per prompt: OUT.png, OUT-1.png, ...; each PNG carries
+its own prompt and seed (fluxion.metadata). Noise: by default image i of a prompt uses seed + i (its own generator,
+so it can be re-made alone); `--noise diffusers` draws the whole batch from one generator as diffusers does.
+
+Everything that can be checked without the model (sizes, steps, guidance, seed range, prompt encoding, output path,
+device, fast-path combination, input images) is checked before the model loads. Errors the user can fix end as one
+line on stderr and exit code 2; Ctrl-C ends with exit code 130 and no half-written file; anything else is a bug and
+keeps its traceback.
+
+CPU threads (CLI only; the library never changes them): with --threads N, N; else with OMP_NUM_THREADS set,
+torch's choice; else torch's default (the physical cores) lowered to the cores not already busy (the 1-minute
+load average subtracted from the cores this process may run on), at least 1. Oversubscribed cores slow a CPU
+generation 4-15x.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
-import re
 import sys
 import tempfile
-import time
+import typing
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
-from PIL import Image, UnidentifiedImageError
-
 EXIT_USAGE = 2  # what argparse uses for bad arguments; we use it for every user error
-REQUEST_FIELDS = (
-    "width",
-    "height",
-    "steps",
-    "guidance",
-    "seed",
-    "num_images",
-    "negative_prompt",
-    "allow_override",
-)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
+# --- options generated from dataclasses ---------------------------------------------------------------------------
+class Option(NamedTuple):
+    flags: tuple[str, ...]
+    kwargs: dict
+
+
+def opt(*flags: str, **kwargs) -> Option:
+    return Option(flags, kwargs)
+
+
+def field_help(cls) -> dict[str, str]:
+    """{field: the comment after it} read from the class source (the one place a field is documented)."""
+    import inspect
+    import io
+    import tokenize
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        current = None  # the field whose statement is being read (a formatter may wrap it over lines)
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.NAME and tok.string in names and tok.start[1] == 4 and current is None:
+                current = tok.string
+            elif tok.type == tokenize.COMMENT and current is not None:
+                docs.setdefault(current, tok.string.lstrip("#").strip())
+            elif tok.type == tokenize.NEWLINE:
+                current = None
+    return docs
+
+
+def options_from(
+    cls,
+    only: tuple[str, ...] | None = None,
+    skip: tuple[str, ...] = (),
+    rename: dict[str, str] | None = None,
+    extra: dict[str, dict] | None = None,
+    keep_defaults: bool = False,
+) -> list[Option]:
+    """argparse options for the fields of dataclass `cls`: --field-name, type and choices from the annotation,
+    help from the field's comment. Defaults are None ("not given": the dataclass default or a stored value
+    applies) unless keep_defaults. `rename` maps a field to its flag (first entry of a tuple: aliases follow);
+    `extra` adds or overrides argparse keywords per field."""
+    rename, extra = rename or {}, extra or {}
+    hints = typing.get_type_hints(cls)
+    docs = field_help(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if (only is not None and f.name not in only) or f.name in skip:
+            continue
+        kind = _argparse_kind(hints[f.name])
+        if kind is None and f.name not in extra:
+            continue  # callables, images: not command-line values
+        flags = rename.get(f.name, ("--" + f.name.replace("_", "-"),))
+        flags = (flags,) if isinstance(flags, str) else tuple(flags)
+        has_default = f.default is not dataclasses.MISSING
+        kw = {"dest": f.name, "help": docs.get(f.name, ""), **(kind or {})}
+        if keep_defaults and has_default:
+            kw["default"] = f.default
+            if f.default not in (None, False, ()):
+                kw["help"] += f" (default: {f.default})"
+        else:
+            kw["default"] = None
+        if not has_default and f.default_factory is dataclasses.MISSING and keep_defaults:
+            kw["required"] = True
+        kw.update(extra.get(f.name, {}))
+        out.append(Option(flags, kw))
+    return out
+
+
+def _argparse_kind(hint) -> dict | None:
+    """argparse keywords for a type hint: bool -> a switch, Literal -> choices, X | None -> X, tuples -> lists."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return {"action": "store_true"}
+    if hint in (int, float, str):
+        return {"type": hint}
+    if origin is typing.Literal:
+        return {"choices": list(args), "type": type(args[0])}
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return _argparse_kind(rest[0])
+        return None
+    if origin is tuple and args:
+        if len(args) == 2 and args[1] is Ellipsis and args[0] in (int, float, str):
+            return {"type": args[0], "action": "append", "metavar": args[0].__name__.upper()}
+        if all(a in (int, float, str) for a in args) and len(set(args)) == 1:
+            return {"type": args[0], "nargs": len(args)}
+    return None
+
+
+def given(args: argparse.Namespace, cls, skip: tuple[str, ...] = ()) -> dict:
+    """The fields of `cls` given on the command line (lists become tuples, as the dataclasses hold them)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if f.name in skip or value is None:
+            continue
+        out[f.name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
 # --- shared pieces ------------------------------------------------------------------------------------------------
-def load_image(path: str | Path, what: str = "image") -> Image.Image:
-    """Open and fully decode an image file, turning Pillow's errors into one-line messages."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here, not halfway through a generation
-            return im
-    except UnidentifiedImageError:
-        raise ValueError(f"{what} {path} is not an image (or not a format Pillow reads)") from None
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"{what} {path} is damaged or truncated ({e})") from None
-
-
 def output_paths(output: str | Path, count: int) -> list[Path]:
     """OUT.png, OUT-1.png, OUT-2.png, ... (the first keeps the name asked for)."""
     out = Path(output)
@@ -72,17 +166,19 @@ def output_paths(output: str | Path, count: int) -> list[Path]:
 
 
 def check_output(output: str | Path) -> None:
-    if Path(output).suffix.lower() != ".png":
+    """Before anything loads: a .png name in a folder we can write to (or create)."""
+    out = Path(output)
+    if out.suffix.lower() != ".png":
         raise ValueError(f"{output}: the output must be a .png file (the parameters go into its metadata)")
-
-
-def fit_size(image: Image.Image) -> tuple[int, int]:
-    """An input image's size as the output size, scaled down (aspect kept) to the 4 MP output limit."""
-    from fluxion.editing.references import MAX_OUTPUT_PIXELS
-
-    w, h = image.size
-    s = min(1.0, math.sqrt(MAX_OUTPUT_PIXELS / (w * h)))
-    return int(w * s), int(h * s)
+    if out.is_dir():
+        raise ValueError(f"{output} is a folder; give a file name such as {out / 'image.png'}")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {output}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {output}: no permission to write in {folder}")
 
 
 def progress_bar() -> Callable[[int, int, float], None]:
@@ -101,6 +197,8 @@ def progress_bar() -> Callable[[int, int, float], None]:
                 bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
             bar.set_postfix_str(f"{seconds:.2f} s/step", refresh=False)
             bar.update(1)
+        elif step == 1 and total > 1:  # logs see that denoising started (and how long a step takes)
+            print(f"denoising: {total} steps, the first in {seconds:.2f} s", file=sys.stderr, flush=True)
         if step == total:
             if bar is not None:
                 bar.close()
@@ -114,8 +212,147 @@ def progress_bar() -> Callable[[int, int, float], None]:
     return update
 
 
-def load(args: argparse.Namespace):
-    """Models from the model options (the embedded model when --model is not given)."""
+def resolve_device(text: str | None):
+    """A torch.device that exists on this machine, or a one-line ValueError."""
+    import torch
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {text!r}: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {text}: no CUDA device here (torch {torch.__version__}, "
+                "torch.cuda.is_available() is False); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text}: there are {torch.cuda.device_count()} CUDA devices (0-based)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {text}: MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"device {text!r} is not supported: use cpu, cuda, cuda:N or mps")
+    return device
+
+
+def configure_threads(device, requested: int | None) -> int | None:
+    """CPU threads for torch (see the module docstring); returns the number set, or None if left alone."""
+    import torch
+
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be at least 1, got {requested}")
+        torch.set_num_threads(requested)
+        return requested
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        busy = 0.0
+    threads = max(1, min(torch.get_num_threads(), cores, round(cores - busy)))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """FILE or FILE:SCALE (the last colon followed by a number is the scale)."""
+    path, scale = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            path = text
+    if not math.isfinite(scale):
+        raise ValueError(f"--lora {text}: the scale must be a finite number")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    return path, scale
+
+
+ATTENTION = ("auto", "sdpa", "cudnn", "fa3")
+OFFLOAD = ("none", "model", "blocks")
+
+
+def accel_from_args(args: argparse.Namespace, device):
+    """(AccelOptions or None, component offload on/off) from the fast-path flags; a wrong combination for this
+    device is a one-line ValueError, raised before anything loads."""
+    import torch
+
+    from fluxion.accel import AccelOptions
+
+    attention = getattr(args, "attention", None) or "auto"
+    offload = getattr(args, "offload", None) or "none"
+    fp8, compile_, graphs = (bool(getattr(args, k, None)) for k in ("fp8", "compile", "cuda_graphs"))
+    quant = getattr(args, "weight_only", None)
+    cuda = device.type == "cuda"
+    if fp8 and quant:
+        raise ValueError("--fp8 and --quant both quantize the transformer: choose one")
+    if graphs and offload != "none":
+        raise ValueError(
+            "--cuda-graphs needs the weights resident on the GPU: drop --offload or --cuda-graphs"
+        )
+    if not cuda:
+        for flag, on in (
+            ("--fp8", fp8),
+            ("--cuda-graphs", graphs),
+            ("--offload blocks", offload == "blocks"),
+        ):
+            if on:
+                raise ValueError(f"{flag} needs a CUDA GPU (the device is {device}); drop it on this machine")
+        if attention in ("cudnn", "fa3"):
+            raise ValueError(f"--attention {attention} needs a CUDA GPU; use auto or sdpa on {device}")
+    if fp8 and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError("--fp8 needs an fp8-capable GPU (Ada or Hopper, compute capability >= 8.9)")
+    if attention == "fa3":
+        from fluxion.kernels.flash import fa3_available
+
+        if not fa3_available():
+            raise ValueError("--attention fa3 needs FlashAttention-3 (flash_attn_interface) on a Hopper GPU")
+    if (
+        attention == "auto"
+    ):  # SDPA's own pick, except on Hopper where cuDNN attention is ~2x flash (BENCHMARKS.md)
+        attention = "cudnn" if cuda and torch.cuda.get_device_capability(device) >= (9, 0) else "sdpa"
+    opts = AccelOptions(
+        attention=attention,
+        compile=compile_,
+        cuda_graphs=graphs,
+        fp8=fp8,
+        weight_only=quant,
+        offload="blocks" if offload == "blocks" else None,
+        device=str(device),
+    )
+    return (None if opts == AccelOptions(device=str(device)) else opts), offload == "model"
+
+
+def accelerate(models, opts) -> None:
+    """The fast paths of `opts` on loaded `models`, in place: `accel.apply` on the transformer (after any LoRA
+    is merged: quantized layers take no adapters) and, with compile on a GPU, the VAE compiled too.
+
+    TEMPORARY home, until `load_models(..., accel=)` lands (issue 9, loading part); benchmarks/bench_e2e.py
+    calls it so that its `pipeline.generate` rows run exactly what `fluxion generate` runs."""
+    from fluxion.accel import VAEAccelOptions, apply, apply_vae
+
+    if opts.cuda_graphs and models.spec.kv_cache:
+        raise ValueError(f"--cuda-graphs does not cover {models.spec.name}'s KV-cache path yet; drop it")
+    models.transformer = apply(models.transformer, opts).module
+    decoder = getattr(models.vae, "decoder", None)
+    compiled = getattr(decoder, "_compiled_call_impl", None) is not None  # e.g. a second accelerate() call
+    if opts.compile and models.device.type == "cuda" and not compiled:
+        apply_vae(models.vae, VAEAccelOptions(compile=True, compile_backend=opts.compile_backend))
+
+
+def load(args: argparse.Namespace, loras: list[tuple[str, float]] = ()):
+    """Models from the model options (the embedded model when --model is not given), with LoRAs merged and the
+    fast paths on. Options were checked by `preflight` already."""
     import torch
 
     from fluxion.weights.models import load_models
@@ -126,7 +363,8 @@ def load(args: argparse.Namespace):
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device
+    opts, offload_model = args.accel
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     models = load_models(
         args.model,
@@ -135,8 +373,17 @@ def load(args: argparse.Namespace):
         text=args.text,
         device=device,
         dtype=dtype,
-        offload=args.offload,
+        offload=offload_model,
     )
+    if loras:
+        from fluxion.lora import load_lora, merge_lora, remove_lora
+
+        for path, scale in loras:
+            load_lora(models.transformer, path, scale=scale)
+        merge_lora(models.transformer)  # fused into the weights: no per-step cost, and quantization sees them
+        remove_lora(models.transformer, keep_merged=True)
+    if opts is not None:
+        accelerate(models, opts)
     if getattr(args, "prompt_cache", None):
         from fluxion.text.cache import PromptCache
 
@@ -144,15 +391,33 @@ def load(args: argparse.Namespace):
     return models
 
 
+def preflight(args: argparse.Namespace) -> None:
+    """The model options checked before loading: device, threads, fast-path combination, embedded-model
+    conflicts. Stores the resolved device and accel options on `args`."""
+    embedded = args.model in (None, "fluxion-tiny")
+    if embedded:
+        for flag, value in (("--vae", args.vae), ("--preset", args.preset)):
+            if value is not None and not (flag == "--preset" and value == "fluxion-tiny"):
+                raise ValueError(
+                    f"{flag} applies to a --model checkpoint; the embedded fluxion-tiny brings its own "
+                    f"(drop {flag}, or pass --model)"
+                )
+    args.device = resolve_device(args.device)
+    configure_threads(args.device, getattr(args, "threads", None))
+    args.accel = accel_from_args(args, args.device)
+    gen = getattr(args, "generator_device", None)
+    if gen is not None:
+        resolve_device(gen)
+
+
 def build_request(args: argparse.Namespace, prompts: list[str], references=()):
     """A Request from the sampling flags; with --from, from the PNG's parameters with the flags on top."""
     from fluxion.metadata import read_params
     from fluxion.request import Request, request_from_params
 
-    # Flags not given are None (store_true ones False): those leave the model default or the stored value.
-    given = {k: v for k in REQUEST_FIELDS if (v := getattr(args, k, None)) is not None and v is not False}
+    values = given(args, Request, skip=("prompt", "references"))
     if prompts:
-        given["prompt"] = prompts[0] if len(prompts) == 1 else prompts
+        values["prompt"] = prompts[0] if len(prompts) == 1 else prompts
     if getattr(args, "from_image", None):
         params = read_params(args.from_image)
         if params.get("references") and not references:
@@ -161,10 +426,30 @@ def build_request(args: argparse.Namespace, prompts: list[str], references=()):
                 "does not store; pass them again (fluxion edit -i ...) or this runs from the prompt alone",
                 file=sys.stderr,
             )
-        return request_from_params(params, references=tuple(references), **given), params
-    if "prompt" not in given:
+        if params.get("noise") == "diffusers" and params.get("batch_index", 0) > 0:
+            print(
+                f"note: {args.from_image} is image {params['batch_index'] + 1} of a --noise diffusers batch of "
+                f"{params['batch_size']}; alone it gets the noise of the batch's first image",
+                file=sys.stderr,
+            )
+        return request_from_params(params, references=tuple(references), **values), params
+    if "prompt" not in values:
         raise ValueError("no prompt given (or --from IMAGE.png to reuse one)")
-    return Request(references=tuple(references), **given), {}
+    return Request(references=tuple(references), **values), {}
+
+
+def loras_for(args: argparse.Namespace, params: dict) -> list[tuple[str, float]]:
+    """--lora FILE[:SCALE] as given, else the LoRAs stored in a --from PNG."""
+    if args.lora:
+        return [parse_lora(text) for text in args.lora]
+    stored = [(item["path"], float(item["scale"])) for item in params.get("loras", [])]
+    for path, _ in stored:
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"{args.from_image} was made with the LoRA {path}, which is not there; "
+                "pass --lora with its new place"
+            )
+    return stored
 
 
 def note_model(params: dict, models, source: str) -> None:
@@ -175,57 +460,100 @@ def note_model(params: dict, models, source: str) -> None:
         )
 
 
-def save_all(results, output: str | Path, out: TextIO | None = None) -> list[Path]:
+def save_all(results, output: str | Path, loras=(), out: TextIO | None = None) -> list[Path]:
+    """Each result to its numbered path (written to a temporary name, then renamed: never half a file)."""
     from fluxion.metadata import save_png
 
     paths = output_paths(output, len(results))
     for result, path in zip(results, paths):
+        if loras:
+            result.params["loras"] = [{"path": str(p), "scale": s} for p, s in loras]
         save_png(result, path)
         print(f"{path}  seed {result.seed}", file=out or sys.stdout)
     return paths
 
 
+def edit_size(models, references) -> tuple[int, int]:
+    """Edits keep the first image's size, scaled down to what the model handles (with a note when it is)."""
+    from fluxion.images import fit_size, model_pixel_range
+
+    limit = model_pixel_range(models.spec)[1]
+    size = fit_size(references[0], limit)
+    w, h = references[0].size
+    if size[0] * size[1] < w * h and (w * h > limit):
+        print(
+            f"note: the output is {size[0]}x{size[1]}: the first image ({w}x{h}) scaled to what "
+            f"{models.spec.name} handles; pass -W/-H for another size",
+            file=sys.stderr,
+        )
+    return size
+
+
 # --- subcommands ----------------------------------------------------------------------------------------------------
 def generate_main(args: argparse.Namespace) -> int:
-    from fluxion.sampling.pipeline import generate
-
-    check_output(args.output)
-    request, params = build_request(args, args.prompt)
-    models = load(args)
-    note_model(params, models, args.from_image)
-    save_all(generate(models, request, progress=progress_bar()), args.output)
-    return 0
+    return _generate(args, [])
 
 
 def edit_main(args: argparse.Namespace) -> int:
+    from fluxion.images import load_image
+
+    return _generate(args, [load_image(p, "reference image") for p in args.image])
+
+
+def _generate(args: argparse.Namespace, refs: list) -> int:
     from fluxion.sampling.pipeline import generate
 
     check_output(args.output)
-    refs = [load_image(p, "reference image") for p in args.image]
     request, params = build_request(args, args.prompt, refs)
-    if request.width is None and request.height is None:  # edits keep the first image's size by default
-        width, height = fit_size(refs[0])
+    loras = loras_for(args, params)
+    preflight(args)
+    models = load(args, loras)
+    if refs and request.width is None and request.height is None:
+        width, height = edit_size(models, refs)
         request = replace(request, width=width, height=height)
-    models = load(args)
     note_model(params, models, args.from_image)
-    save_all(generate(models, request, progress=progress_bar()), args.output)
+    save_all(generate(models, request, progress=progress_bar()), args.output, loras)
     return 0
 
 
 def inpaint_main(args: argparse.Namespace) -> int:
+    from fluxion.images import load_image
     from fluxion.sampling.pipeline import inpaint
 
     check_output(args.output)
     source, mask = load_image(args.image, "image"), load_image(args.mask, "mask")
     refs = [load_image(args.reference, "reference image")] if args.reference else []
     request, params = build_request(args, args.prompt, refs)
-    models = load(args)
-    note_model(params, models, args.from_image)
     strength = args.strength if args.strength is not None else params.get("strength", 0.8)
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    loras = loras_for(args, params)
+    preflight(args)
+    models = load(args, loras)
+    note_model(params, models, args.from_image)
     results = inpaint(
         models, request, source, mask, strength, composite=not args.no_composite, progress=progress_bar()
     )
-    save_all(results, args.output)
+    save_all(results, args.output, loras)
+    return 0
+
+
+def interactive_main(args: argparse.Namespace, inp: TextIO | None = None, out: TextIO | None = None) -> int:
+    from fluxion.repl import run_repl
+
+    outdir = Path(args.outdir) if args.outdir else Path(tempfile.mkdtemp(prefix="fluxion-"))
+    keys = ("width", "height", "steps", "guidance", "seed", "allow_override", "negative_prompt", "noise")
+    settings = {k: getattr(args, k, None) for k in keys}
+    settings["allow_override"] = bool(settings["allow_override"])
+    settings["negative_prompt"] = settings["negative_prompt"] or ""
+    settings["noise"] = settings["noise"] or "fluxion"
+    from fluxion.request import Request
+
+    Request(prompt="x", **settings)  # checked before loading
+    loras = [parse_lora(text) for text in args.lora or ()]
+    preflight(args)
+    extra = {"loras": [{"path": str(p), "scale": s} for p, s in loras]} if loras else {}
+    run_repl(load(args, loras), inp or sys.stdin, out or sys.stdout, outdir, settings, progress_bar, extra)
     return 0
 
 
@@ -237,11 +565,12 @@ def convert_main(args: argparse.Namespace) -> int:
 
 
 def train_main(args: argparse.Namespace) -> int:
-    from fluxion.train.recipes import load_recipe_file
-    from fluxion.train.train import run_stages, shutdown_distributed
+    from fluxion.train.train import TrainConfig, run_stages, shutdown_distributed
 
+    overrides = given(args, TrainConfig)
+    configs = _recipe(Path(args.recipe), overrides)
     try:  # also under torchrun: every rank leaves its process group before the interpreter exits
-        summary = run_stages(load_recipe_file(args.recipe))
+        summary = run_stages(configs)
     finally:
         shutdown_distributed()
     loss = summary["final_loss"]
@@ -250,12 +579,49 @@ def train_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe(path: Path, overrides: dict):
+    """The recipe's config(s) with the command-line fields on top; a missing required field is one line."""
+    from fluxion.train.recipes import load_recipe_file
+    from fluxion.train.train import TrainConfig, config_from_dict
+
+    required = [f.name for f in dataclasses.fields(TrainConfig) if f.default is dataclasses.MISSING]
+    if path.suffix == ".toml" and path.is_file():
+        import tomllib
+
+        try:
+            values = {**tomllib.loads(path.read_text()), **overrides}
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path} is not valid TOML ({e})") from None
+        missing = [name for name in required if name not in values]
+        if missing:
+            raise ValueError(_missing(path, missing))
+        return config_from_dict(values)
+    try:
+        configs = load_recipe_file(path)
+    except TypeError as e:  # config() built a TrainConfig without a required field
+        missing = [name for name in required if f"'{name}'" in str(e)]
+        if not missing:
+            raise
+        raise ValueError(_missing(path, missing)) from None
+    if isinstance(configs, list):
+        return [replace(c, **overrides) for c in configs]
+    return replace(configs, **overrides)
+
+
+def _missing(path: Path, names: list[str]) -> str:
+    why = {"vae": 'the frozen autoencoder\'s weights, e.g. vae = "ae.safetensors"'}
+    details = "; ".join(f"{n}: {why[n]}" if n in why else n for n in names)
+    flags = " ".join("--" + n.replace("_", "-") for n in names)
+    return f"{path} sets no {', '.join(names)} ({details}); add it to the recipe or pass {flags}"
+
+
 def train_lora_main(args: argparse.Namespace) -> int:
     """A LoRA on a folder of captioned images (image.png + image.txt), starting from a model's weights."""
     from fluxion.train.train import TrainConfig
     from fluxion.train.train import main as train
     from fluxion.weights.models import embedded_model_dir, resolve_preset
 
+    check_lora_run(Path(args.out), args.lora_rank)
     if args.model in (None, "fluxion-tiny"):
         folder = embedded_model_dir()
         if folder is None:
@@ -273,203 +639,197 @@ def train_lora_main(args: argparse.Namespace) -> int:
         text = args.text or (str(model) if model.is_dir() else None)
         if vae is None:
             raise ValueError("a single transformer file needs --vae (and --text)")
+    fields = given(args, TrainConfig)
     cfg = TrainConfig(
-        model=preset,
-        data=(args.data,),
-        out=args.out,
-        vae=vae,
-        text=text,
-        init=init,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=min(20, args.steps // 10 + 1),
-        lora_rank=args.rank,
-        lora_alpha=args.alpha or args.rank,
-        caption_dropout=0.05,
-        log_every=10,
-        seed=args.seed,
+        **{
+            "warmup": min(20, fields["steps"] // 10 + 1),
+            "caption_dropout": 0.05,
+            "log_every": 10,
+            **fields,
+            "model": preset,
+            "data": (args.data,),
+            "out": args.out,
+            "vae": vae,
+            "text": text,
+            "init": init,
+            "lora_alpha": args.lora_alpha or args.lora_rank,
+        }
     )
     summary = train(cfg)
-    print(f"LoRA written to {summary['exported']} (final loss {summary['final_loss']:.4f})")
+    loss = summary["final_loss"]
+    print(f"LoRA written to {summary['exported']}" + ("" if loss is None else f" (final loss {loss:.4f})"))
     return 0
+
+
+def check_lora_run(out: Path, rank: int) -> None:
+    """Refuse an --out that holds a finished LoRA, or a checkpoint of another rank (it could not resume)."""
+    if (out / "lora.safetensors").is_file():
+        raise ValueError(
+            f"{out} already holds a finished LoRA (lora.safetensors); choose a new --out or delete the folder"
+        )
+    latest = out / "checkpoint" / "latest"
+    if not latest.is_file():
+        return
+    from torch.distributed.checkpoint import FileSystemReader
+
+    folder = out / "checkpoint" / latest.read_text().strip()
+    try:
+        meta = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
+        raise ValueError(f"{folder} is not a readable checkpoint ({e}); choose a new --out") from None
+    ranks = {m.size[0] for k, m in meta.items() if k.endswith(".lora.default.down") and hasattr(m, "size")}
+    if ranks and ranks != {rank}:
+        raise ValueError(
+            f"{out} holds an unfinished rank-{min(ranks)} LoRA run; --rank {rank} cannot resume it: "
+            f"pass --rank {min(ranks)} to continue it, or choose a new --out"
+        )
 
 
 def data_main(args: argparse.Namespace) -> int:
-    from fluxion.curate.tinyset.tinyset import main as tinyset_main
+    if args.data_command == "fetch":
+        from fluxion.curate.tinyset.sources import fetch_sources
 
-    return tinyset_main(args.args)
+        fetch_sources(Path(args.dest), cache=args.cache and Path(args.cache), force=bool(args.force))
+        return 0
+    from fluxion.curate.tinyset.tinyset import PlanConfig, build_tinyset
 
-
-def eval_main(args: argparse.Namespace) -> int:
-    from fluxion.evaluate import main as evaluate_main
-
-    return evaluate_main(args.args[1:] if args.args[:1] == ["--"] else args.args)
-
-
-def interactive_main(args: argparse.Namespace, inp: TextIO | None = None, out: TextIO | None = None) -> int:
-    outdir = Path(args.outdir) if args.outdir else Path(tempfile.mkdtemp(prefix="fluxion-"))
-    settings = {
-        k: getattr(args, k) for k in ("width", "height", "steps", "guidance", "seed", "allow_override")
-    }
-    run_repl(load(args), inp or sys.stdin, out or sys.stdout, outdir, settings)
+    cfg = PlanConfig(**given(args, PlanConfig, skip=("limit",)))
+    sizes = [_wxh(s) for s in args.sizes.split(",")] if args.sizes else [_wxh(args.resolution)]
+    for size in sizes:
+        out = Path(args.out) / f"{size[0]}x{size[1]}" if args.sizes else Path(args.out)
+        build_tinyset(
+            Path(args.sources),
+            out,
+            resolution=size,
+            seed=args.seed,
+            limit=args.limit,
+            workers=args.workers or os.cpu_count() or 1,
+            overwrite=bool(args.overwrite),
+            config=cfg,
+        )
     return 0
 
 
-# --- the REPL (in the spirit of flux2.c's interactive mode) ----------------------------------------------------------
-REPL_HELP = """\
-  PROMPT               generate from text
-  $N ... PROMPT        edit: earlier outputs as references ($ alone = the last one), e.g. $1 $3 put them together
-  !edit $N ... PROMPT  the same, spelled out
-  WxH PROMPT           this one at another size, e.g. 512x384 a lighthouse at dusk
-  !load PATH           add an image file as the next $N
-  !seed N|random       a fixed seed for what follows, or random again (the seed used is always printed)
-  !size WxH   !steps N|auto   !guidance G|auto   !show (current settings)
-  !help   !quit (or Ctrl-D)"""
-_SIZE = re.compile(r"(\d+)x(\d+)")
-
-
-def _lines(inp: TextIO) -> Iterator[str]:
-    tty = inp is sys.stdin and inp.isatty()
-    while True:
-        try:
-            line = input("fluxion> ") if tty else inp.readline()  # input(): line editing and history
-        except EOFError:
-            return
-        if not tty and not line:
-            return
-        yield line.strip()
-
-
-def _number(text: str, kind: type, what: str):
-    if text == "auto":
-        return None
+def _wxh(text: str) -> tuple[int, int]:
+    w, _, h = text.lower().partition("x")
     try:
-        return kind(text)
+        return int(w), int(h or w)
     except ValueError:
-        raise ValueError(f"{what} takes a number or 'auto', not {text!r}") from None
+        raise ValueError(f"a size is N or WxH, e.g. 128 or 160x96, not {text!r}") from None
 
 
-def _size(text: str) -> tuple[int, int]:
-    from fluxion.editing.references import OutputSize
+def eval_main(args: argparse.Namespace) -> int:
+    import json
 
-    m = _SIZE.fullmatch(text)
-    if not m:
-        raise ValueError(f"a size is WIDTHxHEIGHT, e.g. 512x512, not {text!r}")
-    OutputSize(int(m[1]), int(m[2]))  # checked now rather than at the next generation
-    return int(m[1]), int(m[2])
+    from fluxion.evaluate.run import EvalConfig, evaluate
+    from fluxion.weights.models import load_models
+
+    cfg = EvalConfig(**given(args, EvalConfig))
+    if cfg.out:
+        check_json_output(cfg.out)
+    device = resolve_device(cfg.device)
+    configure_threads(device, getattr(args, "threads", None))
+    models = load_models(cfg.model, preset=cfg.preset, vae=cfg.vae, text=cfg.text, device=device)
+    report = evaluate(models, cfg)
+    if cfg.out:
+        out = Path(cfg.out)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, out)
+        print(f"wrote {cfg.out} ({report['seconds']} s)")
+    return 0
 
 
-def run_repl(models, inp: TextIO, out: TextIO, outdir: Path, settings: dict) -> list[Path]:
-    """Read commands and prompts line by line from `inp`; outputs go to `outdir` as $1, $2, ... (returned)."""
-    from fluxion.metadata import save_png
+def check_json_output(output: str) -> None:
+    out = Path(output)
+    if out.is_dir():
+        raise ValueError(f"--out {output} is a folder; give a file name such as {out / 'eval.json'}")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {output}: {folder} is not a folder we can write to")
+
+
+# --- the command table --------------------------------------------------------------------------------------------
+def model_options() -> list[Option]:
+    return [
+        opt(
+            "--model",
+            help="diffusers model folder, BFL transformer .safetensors, or fluxion-tiny (default: embedded)",
+        ),
+        opt("--preset", help="the model variant, when the files cannot tell (e.g. flux2-klein-base-4b)"),
+        opt(
+            "--vae", help="autoencoder (ae.safetensors or a diffusers vae/ folder) for a single-file --model"
+        ),
+        opt("--text", help="text-encoder folder (text_encoder/ + tokenizer/) for a single-file --model"),
+        opt("--device", help="cuda, cuda:1, cpu, mps (default: cuda when available)"),
+        opt("--dtype", choices=sorted(DTYPES), help="transformer dtype (default: bf16 on GPU, fp32 on CPU)"),
+        opt("--threads", type=int, help="CPU threads (default: the cores not busy with other work)"),
+        opt("--prompt-cache", help="folder caching prompt embeddings (keyed by encoder identity and prompt)"),
+    ]
+
+
+def accel_options() -> list[Option]:
+    from fluxion.accel import AccelOptions
+
+    return options_from(
+        AccelOptions,
+        only=("attention", "compile", "cuda_graphs", "fp8", "weight_only", "offload"),
+        rename={"weight_only": "--quant"},
+        extra={
+            "attention": {
+                "choices": list(ATTENTION),
+                "help": "attention kernel: auto (cuDNN on Hopper, else SDPA's pick), sdpa, cudnn, fa3",
+            },
+            "weight_only": {"help": "weight-only quantization of the transformer's Linear layers (lossy)"},
+            "offload": {
+                "choices": list(OFFLOAD),
+                "help": "model: components on the CPU until they run; blocks: stream transformer blocks "
+                "from pinned host memory (GPU); default none",
+            },
+            "fp8": {"help": "fp8 (e4m3, rowwise) transformer matmuls: Ada/Hopper GPUs (lossy, ~1.3x)"},
+            "compile": {"help": "torch.compile each transformer block (first image pays the compile)"},
+            "cuda_graphs": {"help": "replay each step as one CUDA graph (GPU; weights must stay resident)"},
+        },
+    )
+
+
+def sampling_options(sizes: bool = True) -> list[Option]:
     from fluxion.request import Request
-    from fluxion.sampling.pipeline import generate
 
-    images: list[Path] = []
-    print(f"fluxion interactive: {models.spec.name}, outputs in {outdir}; !help for commands", file=out)
-    for line in _lines(inp):
-        cmd, _, rest = line.partition(" ")
-        rest = rest.strip()
-        try:
-            if not line:
-                continue
-            if cmd in ("!quit", "!q", "!exit"):
-                break
-            if cmd == "!help":
-                print(REPL_HELP, file=out)
-            elif cmd == "!show":
-                print("  ".join(f"{k}={'auto' if v is None else v}" for k, v in settings.items()), file=out)
-            elif cmd == "!seed":
-                settings["seed"] = None if rest == "random" else _number(rest, int, "!seed")
-            elif cmd == "!size":
-                settings["width"], settings["height"] = _size(rest)
-            elif cmd == "!steps":
-                settings["steps"] = _number(rest, int, "!steps")
-            elif cmd == "!guidance":
-                settings["guidance"] = _number(rest, float, "!guidance")
-            elif cmd == "!load":
-                load_image(rest)
-                images.append(Path(rest))
-                print(f"${len(images)} {rest}", file=out)
-            elif cmd.startswith("!") and cmd != "!edit":
-                raise ValueError(f"unknown command {cmd} (!help lists them)")
-            else:
-                text = rest if cmd == "!edit" else line
-                refs, size = [], (settings["width"], settings["height"])
-                while text.startswith("$"):  # leading $N tokens are references
-                    token, _, text = text.partition(" ")
-                    if token != "$" and not token[1:].isdigit():
-                        raise ValueError(f"{token}: references are $1, $2, ... or $ for the last image")
-                    index = len(images) if token == "$" else int(token[1:])
-                    if not 1 <= index <= len(images):
-                        raise ValueError(f"no image {token} yet (there are {len(images)})")
-                    refs.append(load_image(images[index - 1]))
-                    text = text.strip()
-                head, _, tail = text.partition(" ")
-                if _SIZE.fullmatch(head):
-                    size, text = _size(head), tail.strip()
-                if not text:
-                    raise ValueError("empty prompt")
-                if refs and size == (None, None):
-                    size = fit_size(refs[0])
-                fields = {k: v for k, v in settings.items() if k not in ("width", "height")}
-                request = Request(
-                    prompt=text, width=size[0], height=size[1], references=tuple(refs), **fields
-                )
-                start = time.perf_counter()
-                result = generate(models, request, progress=progress_bar())[0]
-                path = save_png(result, outdir / f"image-{len(images) + 1:04d}.png")
-                images.append(path)
-                w, h = result.image.size
-                took = time.perf_counter() - start
-                print(f"${len(images)} {path}  seed {result.seed}  {w}x{h}  {took:.1f}s", file=out)
-        except (ValueError, OSError) as e:  # the REPL's outermost handler: report and keep the session
-            print(f"error: {e}", file=out)
-    return images
+    skip = ("prompt", "references") + (() if sizes else ("width", "height"))
+    return [
+        *options_from(
+            Request,
+            skip=skip,
+            rename={
+                "width": ("-W", "--width"),
+                "height": ("-H", "--height"),
+                "num_images": ("-n", "--num-images"),
+                "negative_prompt": ("--negative-prompt", "--negative"),
+            },
+            extra={
+                "noise": {
+                    "help": "fluxion (default): image i of a prompt uses seed + i, each its own "
+                    "generator; diffusers: one draw for the whole batch from one generator (diffusers' images)"
+                },
+                "generator_device": {"choices": ["cpu", "cuda"]},
+            },
+        ),
+        opt(
+            "--from",
+            dest="from_image",
+            metavar="IMAGE.png",
+            help="reuse prompt and settings of a fluxion PNG",
+        ),
+        opt(
+            "--lora",
+            action="append",
+            metavar="FILE[:SCALE]",
+            help="LoRA to merge (any format fluxion.lora reads), repeatable; stored in the PNG",
+        ),
+    ]
 
 
-# --- the command table and entry point ------------------------------------------------------------------------------
-class Option(NamedTuple):
-    flags: tuple[str, ...]
-    kwargs: dict
-
-
-def opt(*flags: str, **kwargs) -> Option:
-    return Option(flags, kwargs)
-
-
-MODEL = [
-    opt(
-        "--model",
-        help="diffusers model folder, BFL transformer .safetensors, or fluxion-tiny (default: embedded)",
-    ),
-    opt("--preset", help="the model variant, when the files cannot tell (e.g. flux2-klein-base-4b)"),
-    opt("--vae", help="autoencoder (ae.safetensors or a diffusers vae/ folder) for a single-file --model"),
-    opt("--text", help="text-encoder folder (text_encoder/ + tokenizer/) for a single-file --model"),
-    opt("--device", help="cuda, cuda:1, cpu, mps (default: cuda when available)"),
-    opt("--dtype", choices=sorted(DTYPES), help="transformer dtype (default: bf16 on GPU, fp32 on CPU)"),
-    opt("--offload", action="store_true", help="keep components on the CPU until they run"),
-    opt("--prompt-cache", help="folder caching prompt embeddings (keyed by encoder identity and prompt)"),
-]
-SIZE = [
-    opt(
-        "-W",
-        "--width",
-        type=int,
-        help="output width in px (default: the model's; for edits the first image's)",
-    ),
-    opt("-H", "--height", type=int, help="output height in px (any size >= 64; 16-px grid handled exactly)"),
-]
-SAMPLING = [
-    opt("--steps", type=int, help="denoising steps (default: the model's, e.g. 4 for distilled klein)"),
-    opt("--guidance", type=float, help="guidance scale (default: the model's; fixed for distilled models)"),
-    opt("--seed", type=int, help="seed (default: random; always printed and stored in the PNG)"),
-    opt("-n", "--num-images", dest="num_images", type=int, help="images per prompt; image i uses seed + i"),
-    opt("--negative", dest="negative_prompt", help="negative prompt for true-CFG models (default: empty)"),
-    opt("--allow-override", action="store_true", help="let a distilled model run with another guidance"),
-    opt("--from", dest="from_image", metavar="IMAGE.png", help="reuse prompt and settings of a fluxion PNG"),
-]
 OUTPUT = opt(
     "-o",
     "--output",
@@ -483,104 +843,158 @@ PROMPTS = opt("prompt", nargs="*", help="prompt(s); several prompts make a batch
 class Command(NamedTuple):
     main: Callable[[argparse.Namespace], int]
     help: str
-    options: list[Option]
+    options: Callable[[], list[Option]]  # built when the parser is (imports stay out of `import fluxion.cli`)
+    subcommands: dict | None = None  # name -> (help, options) for commands with their own subcommands
+
+
+def _generate_options() -> list[Option]:
+    return [PROMPTS, OUTPUT, *sampling_options(), *model_options(), *accel_options()]
+
+
+def _edit_options() -> list[Option]:
+    image = opt("-i", "--image", action="append", required=True, help="reference image (repeat for several)")
+    return [image, *_generate_options()]
+
+
+def _inpaint_options() -> list[Option]:
+    return [
+        opt("-i", "--image", required=True, help="the image to repaint (the output has its size)"),
+        opt("--mask", required=True, help="mask of the same size: white = repaint, black = keep"),
+        opt("-r", "--reference", help="an extra reference image"),
+        opt("--strength", type=float, help="how much to repaint, in (0, 1] (default: 0.8)"),
+        opt("--no-composite", action="store_true", help="keep generated pixels outside the mask too"),
+        PROMPTS,
+        OUTPUT,
+        *sampling_options(sizes=False),
+        *model_options(),
+        *accel_options(),
+    ]
+
+
+def _interactive_options() -> list[Option]:
+    keep = ("--width", "--height", "--steps", "--guidance", "--seed", "--allow-override", "--negative-prompt")
+    keep += ("--noise", "--lora")
+    return [
+        opt("--outdir", help="where outputs go (default: a new temporary folder)"),
+        *[o for o in sampling_options() if set(o.flags) & set(keep)],
+        *model_options(),
+        *accel_options(),
+    ]
+
+
+def _train_options() -> list[Option]:
+    from fluxion.train.train import TrainConfig
+
+    return [
+        opt("recipe", help="a .toml file of TrainConfig fields or a .py file defining config() / stages()"),
+        *options_from(TrainConfig),  # each given flag overrides the recipe's value
+    ]
+
+
+def _train_lora_options() -> list[Option]:
+    from fluxion.train.train import TrainConfig
+
+    return [
+        opt("--data", required=True, help="folder of images + .txt captions"),
+        opt("--out", required=True, help="run folder (lora.safetensors is written there)"),
+        opt("--model", help="base model (default: the embedded fluxion-tiny)"),
+        opt("--preset", help="preset name when it cannot be read off the checkpoint"),
+        opt("--vae", help="autoencoder weights (for a single-file --model)"),
+        opt("--text", help="text-encoder folder (for a single-file --model)"),
+        *options_from(
+            TrainConfig,
+            only=("lora_rank", "lora_alpha", "steps", "batch_size", "lr", "seed", "sample_every"),
+            rename={"lora_rank": ("--rank", "--lora-rank"), "lora_alpha": ("--alpha", "--lora-alpha")},
+            extra={
+                "lora_rank": {"default": 16, "help": "LoRA rank (default 16)"},
+                "steps": {"default": 300, "help": "optimizer steps (default 300)"},
+                "batch_size": {"default": 4, "help": "images per step (default 4)"},
+                "lr": {"default": 1e-3, "help": "learning rate (default 1e-3)"},
+                "seed": {"default": 0},
+            },
+        ),
+    ]
+
+
+def _eval_options() -> list[Option]:
+    from fluxion.evaluate.run import EvalConfig
+
+    return [
+        *options_from(EvalConfig, keep_defaults=True),
+        opt("--threads", type=int, help="CPU threads (default: the cores not busy with other work)"),
+    ]
+
+
+def _data_fetch_options() -> list[Option]:
+    return [
+        opt("dest", help="folder for the raw sources"),
+        opt("--cache", help="keep the npm tarballs here between runs"),
+        opt("--force", action="store_true", help="redo every part even when up to date"),
+    ]
+
+
+def _data_build_options() -> list[Option]:
+    from fluxion.curate.tinyset.tinyset import PlanConfig
+
+    return [
+        opt("sources", help="a folder written by `fluxion data fetch`"),
+        opt("out", help="output folder"),
+        opt("--resolution", default="128", help="N or WxH (default 128)"),
+        opt("--sizes", help="comma-separated WxH list, e.g. 128x128,160x96: one OUT/WxH folder each"),
+        opt("--seed", type=int, default=0, help="the dataset's seed (default 0)"),
+        opt("--workers", type=int, default=0, help="render processes (0: one per CPU)"),
+        opt("--overwrite", action="store_true", help="replace an existing OUT"),
+        *options_from(PlanConfig),
+    ]
+
+
+def _convert_options() -> list[Option]:
+    return [
+        opt("src", help="a BFL .safetensors file or a diffusers component folder"),
+        opt("dst", help="a .safetensors file (--to bfl) or a folder (--to diffusers)"),
+        opt("--to", required=True, choices=["bfl", "diffusers"], help="the layout to write"),
+    ]
 
 
 COMMANDS: dict[str, Command] = {
-    "generate": Command(generate_main, "text to image", [PROMPTS, OUTPUT, *SIZE, *SAMPLING, *MODEL]),
-    "edit": Command(
-        edit_main,
-        "image(s) + prompt to image",
-        [
-            opt("-i", "--image", action="append", required=True, help="reference image (repeat for several)"),
-            PROMPTS,
-            OUTPUT,
-            *SIZE,
-            *SAMPLING,
-            *MODEL,
-        ],
-    ),
-    "inpaint": Command(
-        inpaint_main,
-        "repaint the white part of a mask",
-        [
-            opt("-i", "--image", required=True, help="the image to repaint (the output has its size)"),
-            opt("--mask", required=True, help="mask of the same size: white = repaint, black = keep"),
-            opt("-r", "--reference", help="an extra reference image"),
-            opt("--strength", type=float, help="how much to repaint, in (0, 1] (default: 0.8)"),
-            opt("--no-composite", action="store_true", help="keep generated pixels outside the mask too"),
-            PROMPTS,
-            OUTPUT,
-            *SAMPLING,
-            *MODEL,
-        ],
-    ),
+    "generate": Command(generate_main, "text to image", _generate_options),
+    "edit": Command(edit_main, "image(s) + prompt to image", _edit_options),
+    "inpaint": Command(inpaint_main, "repaint the white part of a mask", _inpaint_options),
     "interactive": Command(
         interactive_main,
         "a prompt loop: $N reuses earlier outputs, !help lists commands",
-        [
-            opt("--outdir", help="where outputs go (default: a new temporary folder)"),
-            *SIZE,
-            *[o for o in SAMPLING if o.flags[0] in ("--steps", "--guidance", "--seed", "--allow-override")],
-            *MODEL,
-        ],
+        _interactive_options,
     ),
     "train": Command(
         train_main,
-        "train from a recipe: a .toml file of TrainConfig fields or a .py file defining config(); "
-        "for several GPUs: torchrun --nproc_per_node N -m fluxion.train.train RECIPE",
-        [opt("recipe", help="the recipe file")],
+        "train from a recipe (options override its fields); for several GPUs: "
+        "torchrun --nproc_per_node N -m fluxion.train.train RECIPE",
+        _train_options,
     ),
     "train-lora": Command(
         train_lora_main,
         "train a LoRA on a folder of images with same-named .txt captions",
-        [
-            opt("--data", required=True, help="folder of images + .txt captions"),
-            opt("--out", required=True, help="run folder (lora.safetensors is written there)"),
-            opt("--model", help="base model (default: the embedded fluxion-tiny)"),
-            opt("--preset", help="preset name when it cannot be read off the checkpoint"),
-            opt("--vae", help="autoencoder weights (for a single-file --model)"),
-            opt("--text", help="text-encoder folder (for a single-file --model)"),
-            opt("--rank", type=int, default=16),
-            opt("--alpha", type=float, default=None),
-            opt("--steps", type=int, default=300),
-            opt("--batch-size", type=int, default=4),
-            opt("--lr", type=float, default=1e-3),
-            opt("--seed", type=int, default=0),
-        ],
+        _train_lora_options,
     ),
     "data": Command(
         data_main,
-        "build the fluxion-tiny training set: `fluxion data fetch DEST` (needs the package registries), "
-        "`fluxion data build SOURCES OUT` (offline)",
-        [
-            opt(
-                "args",
-                nargs=argparse.REMAINDER,
-                help="fetch DEST | build SOURCES OUT [options]; see --help of each",
-            )
-        ],
+        "build the fluxion-tiny training set: fetch (needs the package registries), then build (offline)",
+        list,
+        {
+            "fetch": ("download the raw sources (npm + Debian registries)", _data_fetch_options),
+            "build": ("build the training set from a sources folder (offline)", _data_build_options),
+        },
     ),
     "eval": Command(
         eval_main,
         "evaluate a model (default: the embedded fluxion-tiny): OCR typography, colour, recognisability, "
         "editing, speed; prints figures and writes JSON",
-        [
-            opt(
-                "args",
-                nargs=argparse.REMAINDER,
-                help="options of the evaluation; see `fluxion eval -- --help`",
-            )
-        ],
+        _eval_options,
     ),
     "convert": Command(
         convert_main,
         "convert a transformer or VAE checkpoint between the BFL and diffusers layouts",
-        [
-            opt("src", help="a BFL .safetensors file or a diffusers component folder"),
-            opt("dst", help="a .safetensors file (--to bfl) or a folder (--to diffusers)"),
-            opt("--to", required=True, choices=["bfl", "diffusers"], help="the layout to write"),
-        ],
+        _convert_options,
     ),
 }
 
@@ -593,22 +1007,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
-        for option in command.options:
-            p.add_argument(*option.flags, **option.kwargs)
+        _add(p, command.options())
+        if command.subcommands:
+            nested = p.add_subparsers(dest=f"{name}_command", required=True, metavar="SUBCOMMAND")
+            for sub_name, (sub_help, sub_options) in command.subcommands.items():
+                _add(nested.add_parser(sub_name, help=sub_help, description=sub_help), sub_options())
         p.set_defaults(main=command.main)
     return parser
 
 
+def _add(parser: argparse.ArgumentParser, options: list[Option]) -> None:
+    for option in options:
+        parser.add_argument(*option.flags, **option.kwargs)
+
+
+# --- entry point --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
-        print(f"fluxion {args.command}: warning: {message}", file=sys.stderr)
+        kind = "note" if issubclass(category, Note) else "warning"
+        print(f"fluxion {args.command}: {kind}: {' '.join(str(message).split())}", file=sys.stderr)
+
+    from PIL import UnidentifiedImageError
+
+    from fluxion.request import Note
 
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("always", Note)  # a note per call, not once per process (the REPL repeats)
             warnings.showwarning = one_line_warning
             return args.main(args)
+    except KeyboardInterrupt:
+        print(f"\nfluxion {args.command}: interrupted (nothing half-written is left)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError, OSError, UnidentifiedImageError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"fluxion {args.command}: error: {message}", file=sys.stderr)

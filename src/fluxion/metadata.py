@@ -9,11 +9,15 @@ and `PIL.Image.open(path).text`:
     fluxion_params                                        JSON of every parameter: the copy `read_params` uses
 
 The seed stored is the seed of that image (image i of a batch used seed + i), so `--from` reproduces it alone.
+LoRAs the image was made with are stored as `loras`: [{"path": ..., "scale": ...}] (`--from` loads them again).
+Files are written to a temporary name next to the target and renamed, so an interrupted save leaves nothing.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -43,7 +47,16 @@ def save_png(result, path: str | Path) -> Path:
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: fluxion writes PNG (the parameters go into its metadata); use a .png name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(path, format="PNG", pnginfo=png_info({**result.params, "seed": result.seed}))
+    info = png_info({**result.params, "seed": result.seed})
+    # open() rather than mkstemp: the file gets the usual umask permissions, not 0600.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as f:
+            result.image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt included: never leave a half-written file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -53,10 +66,17 @@ def read_params(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
+    from fluxion.images import check_input_pixels, too_large
+
     try:
-        with Image.open(path) as im:
-            im.load()  # text chunks after the image data are read only by load(); a truncated file fails here
-            text = dict(getattr(im, "text", {}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                check_input_pixels(im.size, str(path))  # the bomb guard, before decoding
+                im.load()  # text chunks after the image data are read only by load(); a truncated file fails here
+                text = dict(getattr(im, "text", {}))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise too_large(str(path), e) from None
     except UnidentifiedImageError:
         raise ValueError(f"{path} is not an image") from None
     except (OSError, SyntaxError) as e:

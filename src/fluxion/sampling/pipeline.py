@@ -2,7 +2,16 @@
 
 The one orchestration layer: the CLI, the trainer's sample images and the evaluation all call these functions.
 Components come in already loaded (`fluxion.weights.models.load_models`); the request contract is
-`fluxion.request`. Nothing here reads files.
+`fluxion.request`, image rules are `fluxion.images`. Nothing here reads files.
+
+Noise (`Request.noise`): "fluxion" (default) draws each image from its own generator seeded seed + i, so any
+image of a batch can be re-made alone; "diffusers" draws the whole batch [B, 128, h, w] in one `torch.randn` from
+one generator seeded `seed`, as diffusers' Flux2 pipelines do (`prepare_latents` -> `randn_tensor`), so the same
+seed and generator device give diffusers' latents. Both draw in the packed 128-channel space in the model dtype.
+
+What the caller should know is said through `warnings`: `fluxion.request.Note` for stated facts (CFG off at
+guidance <= 1, a reference resized, an all-black mask), UserWarning for likely mistakes (a prompt longer than the
+encoder reads, a size far from the model's).
 """
 
 from __future__ import annotations
@@ -18,25 +27,42 @@ from PIL import Image
 from torch import Tensor
 
 from fluxion.config import ModelSpec
-from fluxion.editing.references import (
+from fluxion.editing.references import prepare_references
+from fluxion.images import (
     InputImageError,
     OutputSize,
     check_image,
+    model_pixel_range,
     pil_to_pixels,
     pixels_to_pil,
-    prepare_references,
 )
-from fluxion.request import ProgressFn, Request, Result
+from fluxion.request import Note, ProgressFn, Request, Result
 from fluxion.sampling.denoise import Conditioning, Guidance, denoise_steps
 from fluxion.sampling.ids import image_ids, pack, reference_ids, text_ids, unpack
 from fluxion.sampling.schedule import get_schedule
 from fluxion.weights.models import Models
+
+__all__ = ["Models", "Request", "Result", "decode", "draw_noise", "encode_prompts", "generate", "inpaint"]
+
+# Above this many output pixels the VAE decodes in overlapping 1024-px tiles (vae/tiling.py): a plain fp32 decode
+# at 4 MP peaks at 17 GiB of activations, tiled at 4.4 GiB. Tiles are not bit-identical to the plain decode
+# (seams cross-faded; see tiling.py), so sizes up to 1920x1536 keep the plain path.
+TILED_DECODE_PIXELS = 1920 * 1536
 
 
 def resolve_guidance(spec: ModelSpec, guidance: float | None, allow_override: bool) -> Guidance:
     g = spec.default_guidance if guidance is None else guidance
     if g < 0:
         raise ValueError(f"guidance must be >= 0, got {g}")
+    if spec.guidance_mode == "cfg" and g <= 1:
+        # diffusers' Flux2KleinPipeline: do_classifier_free_guidance = guidance_scale > 1 (and not distilled).
+        warnings.warn(
+            f"guidance {g:g} <= 1 turns classifier-free guidance off for {spec.name} (as in diffusers): "
+            "one forward per step, no negative prompt",
+            Note,
+            stacklevel=3,
+        )
+        return Guidance(mode="distilled", scale=g, kv_cache=spec.kv_cache)
     if spec.guidance_mode == "distilled" and g != spec.default_guidance:
         if not allow_override:
             raise ValueError(
@@ -52,8 +78,36 @@ def resolve_guidance(spec: ModelSpec, guidance: float | None, allow_override: bo
 
 
 def _warn_ignored(spec: ModelSpec, request: Request, guidance: Guidance) -> None:
-    if request.negative_prompt and guidance.mode != "cfg":
+    if request.negative_prompt and guidance.mode != "cfg" and spec.guidance_mode != "cfg":
         warnings.warn(f"{spec.name} does not use true CFG: the negative prompt is ignored", stacklevel=3)
+
+
+def _warn_size(spec: ModelSpec, width: int, height: int) -> None:
+    low, high = model_pixel_range(spec)
+    if not low <= width * height <= high:
+        dw, dh = spec.default_size
+        warnings.warn(
+            f"{width}x{height} is far from the sizes {spec.name} handles (made for about {dw}x{dh}); "
+            "expect repeated patterns or lost detail",
+            stacklevel=3,
+        )
+
+
+def _warn_long_prompts(models: Models, prompts: list[str]) -> None:
+    """One warning per prompt longer than the text encoder reads (the rest is cut off, as in the reference)."""
+    count = getattr(models.text, "token_counts", None)
+    if count is None:  # released encoder (prompts from the cache) or a stand-in without a tokenizer
+        return
+    limit = models.text.cfg.max_length
+    unique = list(dict.fromkeys(prompts))
+    for prompt, n in zip(unique, count(unique)):
+        if n > limit:
+            head = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+            warnings.warn(
+                f"prompt {head!r} is {n} tokens; the text encoder reads {limit}: the last {n - limit} "
+                "tokens are dropped",
+                stacklevel=3,
+            )
 
 
 def _prompts(request: Request) -> list[str]:
@@ -66,9 +120,18 @@ def _prompts(request: Request) -> list[str]:
 
 
 def _seeds(request: Request, batch: int) -> list[int]:
-    """Image i of each prompt uses seed + i; a missing seed is drawn (and reported in the results)."""
+    """Image i of each prompt uses seed + i (noise "fluxion"); with noise "diffusers" every image reports the
+    one generator's seed. A missing seed is drawn (and reported in the results)."""
     seed = request.seed if request.seed is not None else random.randrange(2**32)
+    if request.noise == "diffusers":
+        return [seed] * batch
     return [seed + i for i in range(request.num_images)] * (batch // request.num_images)
+
+
+def _noise_params(request: Request, index: int, batch: int) -> dict:
+    if request.noise == "fluxion":
+        return {}
+    return {"noise": request.noise, "batch_index": index, "batch_size": batch}
 
 
 def _conditioning(models: Models, request: Request, guidance: Guidance, prompts: list[str], refs, ref_ids):
@@ -117,23 +180,48 @@ def encode_images(models: Models, images: list[Image.Image]) -> tuple[Tensor, li
     tokens, grids = [], []
     with _on_device(models, models.vae), torch.no_grad():
         for im in images:
-            z = models.vae.encode(pil_to_pixels(im).to(models.device))  # [1, 128, h, w]
+            z = models.vae.encode(pil_to_pixels(im).to(models.device, _vae_dtype(models)))  # [1, 128, h, w]
             tokens.append(pack(z))
             grids.append((z.shape[2], z.shape[3]))
     return torch.cat(tokens, dim=1).to(models.dtype), grids
 
 
+def _vae_dtype(models: Models) -> torch.dtype:
+    """The VAE's weight dtype (fp32 unless the loader chose otherwise); its inputs are cast to it."""
+    p = next(models.vae.parameters(), None)
+    return p.dtype if p is not None else torch.float32
+
+
 def decode(models: Models, tokens: Tensor, h: int, w: int) -> Tensor:
+    """[B, 3, 16h, 16w] pixels; in 1024-px tiles above TILED_DECODE_PIXELS (see there)."""
     with _on_device(models, models.vae), torch.no_grad():
-        return models.vae.decode(unpack(tokens, h, w).float())
+        z = unpack(tokens, h, w).to(_vae_dtype(models))
+        f = models.spec.vae.downsample_factor
+        if h * w * f * f > TILED_DECODE_PIXELS and hasattr(models.vae, "cfg"):
+            from fluxion.vae.tiling import tiled_decode
+
+            return tiled_decode(models.vae, z)
+        return models.vae.decode(z)
 
 
 def draw_noise(
-    spec: ModelSpec, seeds: list[int], h: int, w: int, device, dtype, generator_device=None
+    spec: ModelSpec,
+    seeds: list[int],
+    h: int,
+    w: int,
+    device,
+    dtype,
+    generator_device=None,
+    mode: str = "fluxion",
 ) -> Tensor:
-    """[B, h * w, 128] tokens; noise drawn directly in the packed 128-channel space, one generator per image
-    (seed s -> the same image as the reference with that seed, spec 6.1)."""
+    """[B, h * w, 128] tokens; noise drawn directly in the packed 128-channel space. mode "fluxion": one
+    generator per image (seed s -> the same image as the reference with that seed, spec 6.1); "diffusers": one
+    [B, 128, h, w] draw from one generator seeded seeds[0] (diffusers' `prepare_latents`)."""
     gen_device = torch.device(generator_device) if generator_device else torch.device(device)
+    if mode == "diffusers":
+        g = torch.Generator(gen_device).manual_seed(seeds[0])
+        shape = (len(seeds), spec.transformer.in_channels, h, w)
+        return pack(torch.randn(shape, generator=g, dtype=dtype, device=gen_device)).to(device)
     out = []
     for s in seeds:
         g = torch.Generator(gen_device).manual_seed(s)
@@ -148,8 +236,8 @@ def generate(
 ) -> list[Result]:
     """Text-to-image, or editing when `request.references` is non-empty (1 to spec.max_references images)."""
     spec, device, dtype = models.spec, models.device, models.dtype
-    width = request.width or spec.default_size[0]
-    height = request.height or spec.default_size[1]
+    width = spec.default_size[0] if request.width is None else request.width
+    height = spec.default_size[1] if request.height is None else request.height
     size = OutputSize(width, height, spec.vae.downsample_factor)
     steps = spec.default_steps if request.steps is None else request.steps
     if steps < 1:
@@ -163,18 +251,21 @@ def generate(
     B = len(prompts)
     seeds = _seeds(request, B)
     _warn_ignored(spec, request, guidance)
+    _warn_size(spec, width, height)
+    _warn_long_prompts(models, prompts)
     refs = ref_ids = None
     if request.references:
         prepared = prepare_references(
             list(request.references), spec.reference_pixels, spec.vae.downsample_factor
         )
+        _note_resized(spec, request.references, prepared)
         tokens, grids = encode_images(models, prepared)
         refs, ref_ids = tokens.expand(B, -1, -1), reference_ids(grids, B, device)
 
     gw, gh = size.generated
     f = spec.vae.downsample_factor
     h, w = gh // f, gw // f
-    x = draw_noise(spec, seeds, h, w, device, dtype, request.generator_device)
+    x = draw_noise(spec, seeds, h, w, device, dtype, request.generator_device, request.noise)
     cond = _conditioning(models, request, guidance, prompts, refs, ref_ids)
     timesteps = get_schedule(steps, h * w)
     x = _run(
@@ -191,16 +282,30 @@ def generate(
         "references": len(request.references),
     }
     return [
-        Result(image, s, {**params, "prompt": p, "seed": s})
-        for image, s, p in zip(pixels_to_pil(pixels), seeds, prompts)
+        Result(image, s, {**params, "prompt": p, "seed": s, **_noise_params(request, i, B)})
+        for i, (image, s, p) in enumerate(zip(pixels_to_pil(pixels), seeds, prompts))
     ]
+
+
+def _note_resized(spec: ModelSpec, originals, prepared) -> None:
+    """A note for each reference far larger than the model takes (more than 4x its pixel cap)."""
+    cap = spec.reference_pixels[0] if len(originals) == 1 else spec.reference_pixels[1]
+    for k, (orig, prep) in enumerate(zip(originals, prepared), start=1):
+        w, h = orig.size
+        if w * h > 4 * cap:
+            warnings.warn(
+                f"reference image {k} is {w}x{h}; resized to {prep.size[0]}x{prep.size[1]} "
+                f"({spec.name} takes at most {cap / 1e6:.2g} MP per reference here)",
+                Note,
+                stacklevel=3,
+            )
 
 
 def _run(models, x, x_ids, cond, timesteps, guidance, progress, preview, h, w, after_step=None) -> Tensor:
     total, t0 = len(timesteps) - 1, time.perf_counter()
     out = x
     for i, out in denoise_steps(models.transformer, x, x_ids, cond, timesteps, guidance, after_step):
-        if models.device.type == "cuda":
+        if models.device.type == "cuda" and (progress or preview):  # timing a step needs it finished
             torch.cuda.synchronize()
         now = time.perf_counter()
         if progress:
@@ -245,7 +350,15 @@ def inpaint(
     gw, gh = size.generated
     # Pad by edge replication to the 16-px grid (the crop afterwards restores the exact size).
     src = F.pad(pil_to_pixels(image.convert("RGB")), _pad(size), mode="replicate")
-    m_px = F.pad(torch.from_numpy(_gray(mask) >= 0.5).float()[None, None], _pad(size), mode="replicate")
+    binary = _gray(mask) >= 0.5  # [H, W] True = repaint
+    if not binary.any():
+        warnings.warn(
+            "the mask is all black: nothing is repainted (white marks what to repaint); "
+            "the output keeps the source",
+            Note,
+            stacklevel=3,
+        )
+    m_px = F.pad(torch.from_numpy(binary).float()[None, None], _pad(size), mode="replicate")
     h, w = gh // f, gw // f
     steps = spec.default_steps if request.steps is None else request.steps
     guidance = resolve_guidance(spec, request.guidance, request.allow_override)
@@ -253,9 +366,12 @@ def inpaint(
     prompts = _prompts(request)
     B = len(prompts)
     seeds = _seeds(request, B)
+    _warn_long_prompts(models, prompts)
 
     with _on_device(models, models.vae):
-        x0 = pack(models.vae.encode(src.to(device))).to(dtype).expand(B, -1, -1)  # [B, N, 128]
+        x0 = (
+            pack(models.vae.encode(src.to(device, _vae_dtype(models)))).to(dtype).expand(B, -1, -1)
+        )  # [B, N, 128]
     extra = (
         prepare_references(list(request.references[:1]), spec.reference_pixels, f)
         if request.references
@@ -269,7 +385,7 @@ def inpaint(
     full = get_schedule(steps, h * w)
     start = int(max(steps - min(steps * strength, steps), 0))  # the SD3-style truncation diffusers uses
     timesteps = full[start:]
-    noise = draw_noise(spec, seeds, h, w, device, dtype, request.generator_device)
+    noise = draw_noise(spec, seeds, h, w, device, dtype, request.generator_device, request.noise)
     noise_f, x0_f = noise.float(), x0.float()  # the source noised to time t: t * noise + (1 - t) * x0
     x = (timesteps[0] * noise_f + (1 - timesteps[0]) * x0_f).to(dtype)
 
@@ -307,7 +423,10 @@ def inpaint(
         "strength": strength,
         "mode": "inpaint",
     }
-    return [Result(im, s, {**params, "prompt": p, "seed": s}) for im, s, p in zip(images, seeds, prompts)]
+    return [
+        Result(im, s, {**params, "prompt": p, "seed": s, **_noise_params(request, i, B)})
+        for i, (im, s, p) in enumerate(zip(images, seeds, prompts))
+    ]
 
 
 def _pad(size: OutputSize) -> tuple[int, int, int, int]:

@@ -98,6 +98,21 @@ class TextEncoder:
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Tokens each prompt takes before truncation (template and special tokens included); more than
+        cfg.max_length means the rest is cut off by `tokenize`."""
+        kind = self.cfg.kind
+        enc = self.tokenizer(
+            [render_prompt(kind, self.tokenizer, p) for p in prompts],
+            padding="longest",
+            truncation=False,
+            max_length=self.cfg.max_length,
+            padding_side=_PADDING_SIDE[kind],
+            add_special_tokens=_ADD_SPECIAL_TOKENS[kind],
+            return_tensors="pt",
+        )
+        return [int(n) for n in enc["attention_mask"].sum(dim=1)]
+
     @torch.no_grad()  # no_grad, not inference_mode: the result may feed a trained txt_in (autograd must accept it)
     def encode(self, prompts: str | Sequence[str], *, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """Stacked taps, layer-major: features [k*d:(k+1)*d] are hidden_states[hidden_layers[k]] (spec 5.1).

@@ -125,7 +125,7 @@ def encode_images(models: Models, images: list[Image.Image]) -> tuple[Tensor, li
 
 def decode(models: Models, tokens: Tensor, h: int, w: int) -> Tensor:
     with _on_device(models, models.vae), torch.no_grad():
-        return models.vae.decode(unpack(tokens, h, w).float())
+        return models.decode_latents(unpack(tokens, h, w).float())  # tiled when the image would not fit
 
 
 def draw_noise(
@@ -199,7 +199,7 @@ def generate(
 def _run(models, x, x_ids, cond, timesteps, guidance, progress, preview, h, w, after_step=None) -> Tensor:
     total, t0 = len(timesteps) - 1, time.perf_counter()
     out = x
-    for i, out in denoise_steps(models.transformer, x, x_ids, cond, timesteps, guidance, after_step):
+    for i, out in denoise_steps(models.denoiser, x, x_ids, cond, timesteps, guidance, after_step):
         if models.device.type == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()

@@ -86,7 +86,9 @@ def test_math_backend_matches_sdpa():
     acc = apply(model, AccelOptions(attention="math"))
     # the backend belongs to the model: the process fallback stays plain SDPA
     assert model.attention_backend.__name__ == "sdpa_math" and get_attention_backend().__name__ == "_sdpa"
-    assert all(b.attention_backend is model.attention_backend for b in [*model.double_blocks, *model.single_blocks])
+    assert all(
+        b.attention_backend is model.attention_backend for b in [*model.double_blocks, *model.single_blocks]
+    )
     assert torch.allclose(acc(*inputs()), reference(), atol=1e-5)
     assert acc.previous_attention is None
 

@@ -47,7 +47,10 @@ def _config_folder(root, transformer, text_width, text_layers, index, vae=FLUX2_
     for name, config in [
         ("transformer", diffusers_transformer_config(transformer)),
         ("vae", diffusers_vae_config(vae)),
-        ("text_encoder", {"model_type": "qwen3", "hidden_size": text_width, "num_hidden_layers": text_layers}),
+        (
+            "text_encoder",
+            {"model_type": "qwen3", "hidden_size": text_width, "num_hidden_layers": text_layers},
+        ),
     ]:
         (root / name).mkdir(parents=True)
         (root / name / "config.json").write_text(json.dumps(config))
@@ -73,7 +76,12 @@ def test_a_new_config_gets_its_own_spec(tmp_path):
     wider = dataclasses.replace(KLEIN_4B, num_single_blocks=21)
     small = VAEConfig(decoder_widths=(96, 192, 384, 384))
     folder = _config_folder(
-        tmp_path / "my-klein", wider, 2560, 36, {"_class_name": "Flux2KleinPipeline", "is_distilled": True}, small
+        tmp_path / "my-klein",
+        wider,
+        2560,
+        36,
+        {"_class_name": "Flux2KleinPipeline", "is_distilled": True},
+        small,
     )
     spec = derive_spec(folder)
     assert spec.name == "my-klein" and spec.transformer == wider and spec.vae == small
@@ -81,7 +89,12 @@ def test_a_new_config_gets_its_own_spec(tmp_path):
     assert spec.text.hidden_layers == (9, 18, 27) and spec.text.hidden_size == 2560
     # the small decoder under a released transformer keeps the preset's name and defaults, with its own VAE
     folder = _config_folder(
-        tmp_path / "k4", KLEIN_4B, 2560, 36, {"_class_name": "Flux2KleinPipeline", "is_distilled": True}, small
+        tmp_path / "k4",
+        KLEIN_4B,
+        2560,
+        36,
+        {"_class_name": "Flux2KleinPipeline", "is_distilled": True},
+        small,
     )
     spec = derive_spec(folder)
     assert spec.name == "flux2-klein-4b" and spec.vae == small
@@ -109,7 +122,9 @@ def odd(tmp_path_factory):
     pipe = Flux2KleinPipeline(
         scheduler=diffusers_scheduler(),
         vae=randomize_vae(AutoencoderKLFlux2(**ODD_VAE), 1),
-        text_encoder=Qwen3ForCausalLM.from_pretrained(root / "text" / "text_encoder", dtype=torch.float32).eval(),
+        text_encoder=Qwen3ForCausalLM.from_pretrained(
+            root / "text" / "text_encoder", dtype=torch.float32
+        ).eval(),
         tokenizer=AutoTokenizer.from_pretrained(root / "text" / "tokenizer"),
         transformer=randomize_transformer(Flux2Transformer2DModel(**config), 0),
         is_distilled=True,
@@ -145,11 +160,14 @@ def test_odd_folder_matches_diffusers_pipeline(odd):
 
     P.decode = keep
     try:
-        P.generate(models, P.Request(prompt="a red apple", width=64, height=48, steps=2, seed=3, generator_device="cpu"))
+        P.generate(
+            models,
+            P.Request(prompt="a red apple", width=64, height=80, steps=2, seed=3, generator_device="cpu"),
+        )
     finally:
         P.decode = decode
     want_tokens, want_px = run_diffusers(
-        pipe, 2, [3], models.spec.text, prompt="a red apple", width=64, height=48, guidance_scale=1.0
+        pipe, 2, [3], models.spec.text, prompt="a red apple", width=64, height=80, guidance_scale=1.0
     )
     d_tok = (seen["tokens"] - want_tokens).abs().max().item()
     d_px = (to_unit(seen["pixels"]) - want_px).abs().max().item()
@@ -164,8 +182,13 @@ def test_odd_folder_through_the_cli(odd, tmp_path):
 
     folder, _ = odd
     out = tmp_path / "out.png"
-    assert main(["generate", "x", "--model", str(folder), "-o", str(out), "--steps", "2", "-W", "64", "-H", "48"]) == 0
-    assert Image.open(out).size == (64, 48)
+    assert (
+        main(
+            ["generate", "x", "--model", str(folder), "-o", str(out), "--steps", "2", "-W", "64", "-H", "80"]
+        )
+        == 0
+    )
+    assert Image.open(out).size == (64, 80)
 
 
 def test_bfl_single_file_with_odd_depths(tmp_path):
@@ -184,11 +207,13 @@ def test_bfl_single_file_with_odd_depths(tmp_path):
     build_tiny_qwen3(tmp_path / "text", num_layers=TEXT_LAYERS)
     with pytest.raises(ValueError, match="--vae"):
         load_models(tmp_path / "odd.safetensors")
-    models = load_models(tmp_path / "odd.safetensors", vae=tmp_path / "ae.safetensors", text=tmp_path / "text")
+    models = load_models(
+        tmp_path / "odd.safetensors", vae=tmp_path / "ae.safetensors", text=tmp_path / "text"
+    )
     assert models.spec.name == "odd" and models.spec.transformer == cfg and models.spec.vae == vae_cfg
     assert models.spec.guidance_mode == "cfg"
-    (r,) = P.generate(models, P.Request(prompt="x", width=32, height=32, steps=2, seed=0))
-    assert r.image.size == (32, 32)
+    (r,) = P.generate(models, P.Request(prompt="x", width=64, height=64, steps=2, seed=0))
+    assert r.image.size == (64, 64)
 
 
 # --- the performance layer through load_models ----------------------------------------------------------------
@@ -239,7 +264,7 @@ def test_accel_and_attention_belong_to_the_model(odd):
     plain = load_models(folder)
     assert fast.accelerated.quantized and fast.accelerated.compiled == 8
     fast.transformer.set_attention_backend(recording)
-    request = P.Request(prompt="x", width=32, height=32, steps=1, seed=0)
+    request = P.Request(prompt="x", width=64, height=64, steps=1, seed=0)
     P.generate(plain, request)
     assert not calls and plain.transformer.attention_backend is None
     P.generate(fast, request)

@@ -217,7 +217,9 @@ ODD = dict(block_out_channels=(16, 24, 32, 32), layers_per_block=1, norm_num_gro
 def test_config_widths_canonical_form():
     from fluxion.config import FLUX2_SMALL_DECODER_AE, VAEConfig
 
-    assert VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_groups=8) == VAEConfig(widths=(32, 64, 64, 64), num_groups=8)
+    assert VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_groups=8) == VAEConfig(
+        widths=(32, 64, 64, 64), num_groups=8
+    )
     odd = VAEConfig(widths=(16, 24, 32, 32), num_groups=8)
     assert odd.ch == 16 and odd.ch_mult is None and odd.decoder_widths == odd.widths
     assert FLUX2_SMALL_DECODER_AE.widths == (128, 256, 512, 512)
@@ -257,10 +259,14 @@ def test_decoder_only_file_next_to_a_full_encoder(tmp_path):
 
     torch.manual_seed(0)
     full = randomize_vae(diffusers.AutoencoderKLFlux2(**DIF_SMALL).eval(), 7)
-    small = randomize_vae(diffusers.AutoencoderKLFlux2(**{**DIF_SMALL, "block_out_channels": (16, 24, 32, 32)}), 8)
+    small = randomize_vae(
+        diffusers.AutoencoderKLFlux2(**{**DIF_SMALL, "block_out_channels": (16, 24, 32, 32)}), 8
+    )
     full.save_pretrained(tmp_path / "vae")
     bfl_small = vae_diffusers_to_bfl(small.state_dict())
-    bare = {k.removeprefix("decoder."): v.contiguous() for k, v in bfl_small.items() if k.startswith("decoder.")}
+    bare = {
+        k.removeprefix("decoder."): v.contiguous() for k, v in bfl_small.items() if k.startswith("decoder.")
+    }
     assert "post_quant_conv.weight" in bare and "up.0.block.0.conv1.weight" in bare
     save_file(bare, str(tmp_path / "small_decoder.safetensors"))
 

@@ -280,3 +280,27 @@ def test_decode_tiles_by_itself_above_the_threshold(odd):
     models.tile_decode = True  # forced: the tiled path, which equals the plain one when the image fits a tile
     z = torch.randn(1, 128, 3, 4)
     assert torch.equal(models.decode_latents(z), models.vae.decode(z))
+
+
+@pytest.mark.gpu
+def test_fast_paths_on_a_gpu(odd):
+    """On CUDA: fp8 + compile + CUDA graphs + auto attention, then int8 + block offload, against the plain bf16
+    path of the same folder (cosine of the decoded pixels; lossy quantization keeps it high, not exact)."""
+    folder, _ = odd
+    request = P.Request(prompt="a red apple", width=128, height=128, steps=2, seed=3)
+
+    def pixels(**kwargs):
+        models = load_models(folder, device="cuda", **kwargs)
+        (r,) = P.generate(models, request)
+        return torch.tensor(list(r.image.getdata()), dtype=torch.float32).flatten()
+
+    plain = pixels()
+    for kwargs in (
+        dict(accel=AccelOptions(attention="auto", compile=True, cuda_graphs=True)),
+        dict(accel=AccelOptions(fp8=True, attention="cudnn")),
+        dict(accel=AccelOptions(weight_only="int8"), offload="blocks"),
+    ):
+        got = pixels(**kwargs)
+        cos = torch.nn.functional.cosine_similarity(got - 127.5, plain - 127.5, dim=0).item()
+        print(f"\n[fast path {kwargs}] pixel cosine vs plain bf16 = {cos:.5f}")
+        assert cos > 0.98

@@ -22,6 +22,8 @@ from fluxion.model.transformer import Flux2
 
 if TYPE_CHECKING:
     from fluxion.accel.apply import Accelerated, AccelOptions, VAEAccelOptions
+    from fluxion.text.encoder import TextEncoder
+    from fluxion.vae.autoencoder import AutoEncoder
 
 OffloadMode = Literal["none", "model", "blocks"]
 # Decoding needs ~4.3 kB of fp32 activations per output pixel at its peak (vae/tiling.py: 17 GiB at 2048^2).
@@ -37,8 +39,8 @@ class Models:
 
     spec: ModelSpec
     transformer: Flux2
-    vae: torch.nn.Module
-    text: object | None
+    vae: AutoEncoder
+    text: TextEncoder | None  # None after release_text_encoder
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32  # transformer compute dtype; the VAE stays fp32 (spec 4.5)
     prompt_cache: object | None = None  # fluxion.text.cache.PromptCache

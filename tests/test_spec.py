@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fluxion.accel import AccelOptions
-from fluxion.config import DEBUG_TRANSFORMER, FLUX2_AE, KLEIN_4B, KLEIN_9B, PRESETS, VAEConfig
+from fluxion.config import DEBUG_TRANSFORMER, DEV, FLUX2_AE, KLEIN_4B, KLEIN_9B, PRESETS, VAEConfig
 from fluxion.sampling import pipeline as P
 from fluxion.weights.load import diffusers_transformer_config, diffusers_vae_config
 from fluxion.weights.models import load_models
@@ -43,14 +43,17 @@ def test_default_taps_are_bfl_taps():
 
 
 def _config_folder(root, transformer, text_width, text_layers, index, vae=FLUX2_AE):
-    """A diffusers model folder of config files only (what derive_spec reads; no weights needed)."""
+    """A diffusers model folder of config files only (what derive_spec reads; no weights needed). Mistral3 (the
+    [dev] encoder, chosen here by the guidance embedder) nests its LLM config under text_config."""
+    llm = {"hidden_size": text_width, "num_hidden_layers": text_layers}
+    if transformer.use_guidance_embed:
+        text = {"model_type": "mistral3", "text_config": llm}
+    else:
+        text = {"model_type": "qwen3", **llm}
     for name, config in [
         ("transformer", diffusers_transformer_config(transformer)),
         ("vae", diffusers_vae_config(vae)),
-        (
-            "text_encoder",
-            {"model_type": "qwen3", "hidden_size": text_width, "num_hidden_layers": text_layers},
-        ),
+        ("text_encoder", text),
     ]:
         (root / name).mkdir(parents=True)
         (root / name / "config.json").write_text(json.dumps(config))
@@ -65,10 +68,12 @@ def _config_folder(root, transformer, text_width, text_layers, index, vae=FLUX2_
         (KLEIN_4B, 2560, {"_class_name": "Flux2KleinPipeline", "is_distilled": False}, "flux2-klein-base-4b"),
         (KLEIN_9B, 4096, {"_class_name": "Flux2KleinKVPipeline"}, "flux2-klein-9b-kv"),
         (KLEIN_9B, 4096, {"_class_name": "Flux2KleinPipeline", "is_distilled": True}, "flux2-klein-9b"),
+        (DEV, 5120, {"_class_name": "Flux2Pipeline"}, "flux2-dev"),
     ],
 )
 def test_released_configs_come_back_as_their_presets(tmp_path, transformer, width, index, expected):
-    spec = derive_spec(_config_folder(tmp_path, transformer, width, 36, index))
+    layers = 40 if transformer.use_guidance_embed else 36
+    spec = derive_spec(_config_folder(tmp_path, transformer, width, layers, index))
     assert spec == PRESETS[expected]
 
 
@@ -304,3 +309,25 @@ def test_fast_paths_on_a_gpu(odd):
         cos = torch.nn.functional.cosine_similarity(got - 127.5, plain - 127.5, dim=0).item()
         print(f"\n[fast path {kwargs}] pixel cosine vs plain bf16 = {cos:.5f}")
         assert cos > 0.98
+
+
+def test_small_decoder_file_through_load_models(odd, tmp_path):
+    """load_models(DIR, vae_decoder=FILE): a decoder-only file (bare BFL keys) with its own widths decodes."""
+    from diffusers import AutoencoderKLFlux2
+    from safetensors.torch import save_file
+
+    from fluxion.weights.vae_mapping import vae_diffusers_to_bfl
+
+    folder, _ = odd
+    torch.manual_seed(0)
+    small = randomize_vae(AutoencoderKLFlux2(**{**ODD_VAE, "block_out_channels": (8, 16, 16, 24)}), 5)
+    sd = vae_diffusers_to_bfl(small.state_dict())
+    bare = {k.removeprefix("decoder."): v.contiguous() for k, v in sd.items() if k.startswith("decoder.")}
+    save_file(bare, str(tmp_path / "small_decoder.safetensors"))
+    spec = derive_spec(folder, vae_decoder=tmp_path / "small_decoder.safetensors")
+    assert spec.vae.decoder_widths == (8, 16, 16, 24)
+    models = load_models(folder, vae_decoder=tmp_path / "small_decoder.safetensors")
+    assert models.vae.cfg.widths == (16, 24, 32, 32) and models.vae.cfg.decoder_widths == (8, 16, 16, 24)
+    assert models.spec.vae == models.vae.cfg == spec.vae
+    (r,) = P.generate(models, P.Request(prompt="x", width=64, height=64, steps=1, seed=0))
+    assert r.image.size == (64, 64)

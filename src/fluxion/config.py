@@ -73,14 +73,17 @@ class VAEConfig:
     patch_size: int = 2  # 2x2 patchify -> 4 * z_channels latent channels
 
     def __post_init__(self) -> None:
-        from_mult = (
-            None
-            if self.ch is None and self.ch_mult is None
-            else tuple((self.ch or 128) * m for m in (self.ch_mult or (1, 2, 4, 4)))
-        )
-        if self.widths is not None and from_mult is not None and tuple(self.widths) != from_mult:
-            raise ValueError(f"widths {self.widths} disagree with ch {self.ch} x ch_mult {self.ch_mult}")
-        widths = tuple(self.widths) if self.widths is not None else from_mult or (128, 256, 512, 512)
+        if self.widths is None:
+            widths = tuple((self.ch or 128) * m for m in (self.ch_mult or (1, 2, 4, 4)))
+        else:  # ch / ch_mult may come along (dataclasses.replace passes the canonical ones): they must agree
+            widths = tuple(self.widths)
+            if (self.ch is not None and self.ch != widths[0]) or (
+                self.ch_mult is not None and tuple(widths[0] * m for m in self.ch_mult) != widths
+            ):
+                raise ValueError(
+                    f"widths {widths} disagree with ch {self.ch} x ch_mult {self.ch_mult}; give one spelling "
+                    "(ch=None, ch_mult=None when replacing widths)"
+                )
         decoder = tuple(self.decoder_widths) if self.decoder_widths is not None else widths
         if not widths or len(decoder) != len(widths):
             raise ValueError(

@@ -86,7 +86,9 @@ class Models:
     def describe(self) -> str:
         """One line per component: what was loaded and how it runs."""
         s, t, acc = self.spec, self.transformer.cfg, self.accelerated
-        n = sum(p.numel() for p in self.transformer.parameters()) / 1e9
+        with torch.device("meta"):  # the unquantized count (quantized weights live in buffers)
+            n = sum(p.numel() for p in Flux2(t).parameters())
+        size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
         fast = []
         if acc is not None:
             fast += [f"{len(acc.quantized)} linears quantized"] if acc.quantized else []
@@ -103,7 +105,7 @@ class Models:
             [
                 f"model        {s.name} ({s.guidance_mode} guidance{', KV refs' if s.kv_cache else ''}; "
                 f"defaults {s.default_steps} steps, guidance {s.default_guidance:g}; licence: {s.license or '-'})",
-                f"transformer  {n:.3g}B params, {t.num_double_blocks}+{t.num_single_blocks} blocks, width "
+                f"transformer  {size} params, {t.num_double_blocks}+{t.num_single_blocks} blocks, width "
                 f"{t.hidden_size}, {t.num_heads} heads; {str(self.dtype).removeprefix('torch.')} on "
                 f"{self.device}; attention {backend}" + (f"; {', '.join(fast)}" if fast else ""),
                 f"autoencoder  encoder {'/'.join(map(str, v.widths))}, decoder "

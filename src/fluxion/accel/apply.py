@@ -97,6 +97,10 @@ class AccelOptions:
                 raise ValueError(f"attention {self.attention!r} needs a CUDA GPU; use --attention sdpa {on}")
         elif not torch.cuda.is_available():
             raise ValueError("no CUDA device is available; pass --device cpu")
+        elif self.fp8 and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(
+                "fp8 needs compute capability 8.9+ (Ada, Hopper or newer); drop --fp8 on this GPU"
+            )
         if self.attention == "fa3":
             from fluxion.kernels.flash import fa3_available
 

@@ -63,12 +63,15 @@ def read_component(path: str | Path, component: str) -> tuple[dict[str, Tensor],
 
 
 def infer_transformer_config(shapes: dict[str, tuple[int, ...]]) -> TransformerConfig:
-    """The transformer config implied by BFL-named tensor shapes (head dim 128 as in every FLUX.2 model)."""
+    """The transformer config implied by BFL-named tensor shapes: width, depths, heads (head dim = the QK-norm
+    width), context width, MLP ratio, time-embedding width, guidance embedder or not. Not in the shapes: RoPE
+    theta (2000) and the split of the head dim over the 4 RoPE axes (equal quarters, as in every FLUX.2 model)."""
     try:
         D, in_channels = shapes["img_in.weight"]
         context_in_dim = shapes["txt_in.weight"][1]
         head_dim = shapes["single_blocks.0.norm.query_norm.scale"][0]
         mlp_hidden = shapes["single_blocks.0.linear2.weight"][1] - D
+        time_channels = shapes["time_in.in_layer.weight"][1]  # width of the sinusoidal embedding
     except KeyError as e:
         raise CheckpointError(f"not a FLUX.2 transformer checkpoint: key {e} is missing") from None
     count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix)})  # noqa: E731
@@ -83,6 +86,7 @@ def infer_transformer_config(shapes: dict[str, tuple[int, ...]]) -> TransformerC
         mlp_ratio=mlp_hidden / D,
         axes_dim=(axis,) * 4,
         use_guidance_embed="guidance_in.in_layer.weight" in shapes,
+        time_channels=time_channels,
     )
 
 

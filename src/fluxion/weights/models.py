@@ -54,8 +54,12 @@ class Models:
 
     @property
     def denoiser(self):
-        """What the sampler calls: the transformer, or its CUDA-graph wrapper when graphs are on."""
-        return self.accelerated.module if self.accelerated is not None else self.transformer
+        """What the sampler calls: `transformer` (which a caller may have wrapped, e.g. for sequence parallelism),
+        or its CUDA-graph wrapper when graphs are on."""
+        from fluxion.accel.apply import GraphedFlux2
+
+        acc = self.accelerated
+        return acc.module if acc is not None and isinstance(acc.module, GraphedFlux2) else self.transformer
 
     def release_text_encoder(self) -> None:
         """Free the text encoder (the largest component of [dev]); later prompts must be cached already."""

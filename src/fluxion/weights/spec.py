@@ -128,7 +128,8 @@ def guidance_from_index(index: dict | None, use_guidance_embed: bool) -> tuple[G
         return "cfg", False, False
     if index.get("_class_name") == "Flux2KleinKVPipeline":
         return "distilled", True, True
-    return ("distilled" if index.get("is_distilled", False) else "cfg"), False, "is_distilled" in index
+    # Distilled klein repos say `"is_distilled": true`; base repos leave it out (spec 3.4): absent means base.
+    return ("distilled" if index.get("is_distilled", False) else "cfg"), False, True
 
 
 def spec_from_parts(

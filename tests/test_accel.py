@@ -82,10 +82,15 @@ def test_default_options_are_the_plain_path():
 
 @torch.no_grad()
 def test_math_backend_matches_sdpa():
-    acc = apply(make_model(), AccelOptions(attention="math"))
-    assert get_attention_backend().__name__ == "sdpa_math"
+    model = make_model()
+    acc = apply(model, AccelOptions(attention="math"))
+    # the backend belongs to the model: the process fallback stays plain SDPA
+    assert model.attention_backend.__name__ == "sdpa_math" and get_attention_backend().__name__ == "_sdpa"
+    assert all(
+        b.attention_backend is model.attention_backend for b in [*model.double_blocks, *model.single_blocks]
+    )
     assert torch.allclose(acc(*inputs()), reference(), atol=1e-5)
-    set_attention_backend(acc.previous_attention)
+    assert acc.previous_attention is None
 
 
 @pytest.mark.skipif(fa3_available(), reason="FA3 is installed here")

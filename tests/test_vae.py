@@ -207,3 +207,82 @@ def test_tiling_error_is_small_and_not_concentrated_at_seams(direction):
     assert rel < 0.2
     # The cross-fade bands must not carry much more error than elsewhere (no seam lines); measured 1.5 / 1.2.
     assert ratio < 2.0
+
+
+# --- arbitrary widths: encoder and decoder each any list (diffusers block_out_channels /
+# decoder_block_out_channels), e.g. BFL's small decoder 96/192/384/384 behind a 128/256/512/512 encoder.
+ODD = dict(block_out_channels=(16, 24, 32, 32), layers_per_block=1, norm_num_groups=8)
+
+
+def test_config_widths_canonical_form():
+    from fluxion.config import FLUX2_SMALL_DECODER_AE, VAEConfig
+
+    assert VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_groups=8) == VAEConfig(
+        widths=(32, 64, 64, 64), num_groups=8
+    )
+    odd = VAEConfig(widths=(16, 24, 32, 32), num_groups=8)
+    assert odd.ch == 16 and odd.ch_mult is None and odd.decoder_widths == odd.widths
+    assert FLUX2_SMALL_DECODER_AE.widths == (128, 256, 512, 512)
+    assert FLUX2_SMALL_DECODER_AE.decoder_widths == (96, 192, 384, 384)
+    with pytest.raises(ValueError, match="same number of levels"):
+        VAEConfig(widths=(32, 64), decoder_widths=(32, 64, 64), num_groups=8)
+    with pytest.raises(ValueError, match="num_groups"):
+        VAEConfig(widths=(16, 20), num_groups=8)
+
+
+@pytest.mark.parametrize("decoder", [None, (16, 16, 24, 32)], ids=["same-decoder", "own-decoder"])
+def test_parity_non_multiple_widths(tmp_path, decoder):
+    """diffusers' AutoencoderKLFlux2 with widths 16/24/32/32 (and a decoder of its own), saved by diffusers,
+    loaded through our reader with the config derived from its config.json."""
+    from fluxion.weights.models import load_vae
+    from fluxion.weights.spec import vae_config_from_diffusers
+
+    torch.manual_seed(0)
+    dif = diffusers.AutoencoderKLFlux2(**ODD, decoder_block_out_channels=decoder).eval()
+    randomize_vae(dif, 4)
+    dif.save_pretrained(tmp_path / "vae")
+    cfg = vae_config_from_diffusers(dict(dif.config))
+    assert cfg.widths == (16, 24, 32, 32) and cfg.decoder_widths == (decoder or cfg.widths)
+    ours = load_vae(tmp_path / "vae", cfg)
+    assert ours.cfg == cfg
+    _check_parity(ours, dif, f"widths 16/24/32/32, decoder {decoder}")
+
+
+def test_decoder_only_file_next_to_a_full_encoder(tmp_path):
+    """A decoder-only file in BFL's small_decoder layout (bare keys, no `decoder.` prefix, no encoder, no latent
+    statistics) replaces the decoder of a full autoencoder; the reference is diffusers' AutoencoderKLFlux2 with
+    decoder_block_out_channels holding the full VAE's encoder and the small VAE's decoder."""
+    from safetensors.torch import save_file
+
+    from fluxion.config import VAEConfig
+    from fluxion.weights.models import load_vae
+
+    torch.manual_seed(0)
+    full = randomize_vae(diffusers.AutoencoderKLFlux2(**DIF_SMALL).eval(), 7)
+    small = randomize_vae(
+        diffusers.AutoencoderKLFlux2(**{**DIF_SMALL, "block_out_channels": (16, 24, 32, 32)}), 8
+    )
+    full.save_pretrained(tmp_path / "vae")
+    bfl_small = vae_diffusers_to_bfl(small.state_dict())
+    bare = {
+        k.removeprefix("decoder."): v.contiguous() for k, v in bfl_small.items() if k.startswith("decoder.")
+    }
+    assert "post_quant_conv.weight" in bare and "up.0.block.0.conv1.weight" in bare
+    save_file(bare, str(tmp_path / "small_decoder.safetensors"))
+
+    ref = diffusers.AutoencoderKLFlux2(**DIF_SMALL, decoder_block_out_channels=(16, 24, 32, 32)).eval()
+    want = {k: v for k, v in full.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+    want |= {k: v for k, v in small.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+    ref.load_state_dict(want, strict=True)
+
+    ours = load_vae(tmp_path / "vae", VAEConfig(num_groups=8), tmp_path / "small_decoder.safetensors")
+    assert ours.cfg.widths == (32, 64, 64, 64) and ours.cfg.decoder_widths == (16, 24, 32, 32)
+    _check_parity(ours, ref, "full encoder + decoder-only file")
+
+    # a whole autoencoder is not a decoder file; a decoder carrying other latent statistics is refused
+    with pytest.raises(ValueError, match="holds an encoder too"):
+        load_vae(tmp_path / "vae", VAEConfig(num_groups=8), tmp_path / "vae")
+    bare["bn.running_mean"] = torch.ones(128)
+    save_file(bare, str(tmp_path / "other_stats.safetensors"))
+    with pytest.raises(ValueError, match="latent statistics"):
+        load_vae(tmp_path / "vae", VAEConfig(num_groups=8), tmp_path / "other_stats.safetensors")

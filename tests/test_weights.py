@@ -195,3 +195,29 @@ def test_autoencoder_wrong_component(tmp_path, bfl_file):
 
     with pytest.raises(CheckpointError, match="no autoencoder"):
         load_autoencoder(bfl_file)
+
+
+def test_configs_read_off_odd_shapes():
+    """Widths per level (encoder and decoder apart), depths, heads, time width: whatever the shapes say."""
+    import dataclasses
+
+    from fluxion.config import DEBUG_TRANSFORMER, VAEConfig
+    from fluxion.model.transformer import Flux2
+    from fluxion.vae.autoencoder import AutoEncoder
+    from fluxion.weights.load import infer_transformer_config, infer_vae_config
+
+    cfg = dataclasses.replace(
+        DEBUG_TRANSFORMER,
+        num_double_blocks=3,
+        num_single_blocks=5,
+        time_channels=64,
+        use_guidance_embed=False,
+    )
+    vae = VAEConfig(widths=(64, 96, 128, 128), decoder_widths=(32, 64, 96, 96), num_res_blocks=1)
+    with torch.device("meta"):
+        tr_shapes = {k: tuple(v.shape) for k, v in Flux2(cfg).state_dict().items()}
+        vae_shapes = {k: tuple(v.shape) for k, v in AutoEncoder(vae).state_dict().items()}
+    assert infer_transformer_config(tr_shapes) == cfg
+    assert infer_vae_config(vae_shapes) == vae
+    decoder_only = {k: s for k, s in vae_shapes.items() if k.startswith("decoder.")}
+    assert infer_vae_config(decoder_only).decoder_widths == (32, 64, 96, 96)

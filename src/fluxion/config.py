@@ -50,12 +50,22 @@ class TransformerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class VAEConfig:
-    """The FLUX.2 autoencoder (BFL `AutoEncoderParams`)."""
+    """The FLUX.2 autoencoder (BFL `AutoEncoderParams`, diffusers `AutoencoderKLFlux2`).
+
+    Channel widths per resolution level are given either as `widths` (diffusers `block_out_channels`) or in BFL's
+    spelling `ch` x `ch_mult`; the decoder may have its own `decoder_widths` (diffusers
+    `decoder_block_out_channels`, e.g. BFL's small decoder 96/192/384/384 behind the 128/256/512/512 encoder).
+    After construction all four fields are filled in one canonical way (so equal architectures compare equal):
+    `widths` and `decoder_widths` are always set, `ch = widths[0]`, and `ch_mult` is `widths / ch` when every
+    width is a whole multiple of the first, else None.
+    """
 
     in_channels: int = 3
     out_channels: int = 3
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    ch: int | None = None  # BFL spelling: widths = ch * ch_mult (defaults 128 x (1, 2, 4, 4))
+    ch_mult: tuple[int, ...] | None = None
+    widths: tuple[int, ...] | None = None  # encoder width per level, level 0 (full resolution) first
+    decoder_widths: tuple[int, ...] | None = None  # decoder width per level (same order); None: = widths
     num_res_blocks: int = 2  # encoder; the decoder uses num_res_blocks + 1
     z_channels: int = 32
     num_groups: int = 32  # GroupNorm groups
@@ -63,11 +73,37 @@ class VAEConfig:
     patch_size: int = 2  # 2x2 patchify -> 4 * z_channels latent channels
 
     def __post_init__(self) -> None:
-        for m in self.ch_mult:
-            if (self.ch * m) % self.num_groups:
+        if self.widths is None:
+            widths = tuple((self.ch or 128) * m for m in (self.ch_mult or (1, 2, 4, 4)))
+        else:  # ch / ch_mult may come along (dataclasses.replace passes the canonical ones): they must agree
+            widths = tuple(self.widths)
+            if (self.ch is not None and self.ch != widths[0]) or (
+                self.ch_mult is not None and tuple(widths[0] * m for m in self.ch_mult) != widths
+            ):
                 raise ValueError(
-                    f"channel width {self.ch * m} is not divisible by num_groups {self.num_groups}"
+                    f"widths {widths} disagree with ch {self.ch} x ch_mult {self.ch_mult}; give one spelling "
+                    "(ch=None, ch_mult=None when replacing widths)"
                 )
+        decoder = tuple(self.decoder_widths) if self.decoder_widths is not None else widths
+        if not widths or len(decoder) != len(widths):
+            raise ValueError(
+                f"encoder widths {widths} and decoder widths {decoder} must have the same number of levels "
+                "(>= 1): the latent resolution depends on it"
+            )
+        for w in (*widths, *decoder):
+            if w <= 0 or w % self.num_groups:
+                raise ValueError(
+                    f"channel width {w} is not a positive multiple of num_groups {self.num_groups}"
+                )
+        set_ = object.__setattr__  # frozen: canonicalise once, here
+        set_(self, "widths", widths)
+        set_(self, "decoder_widths", decoder)
+        set_(self, "ch", widths[0])
+        set_(
+            self,
+            "ch_mult",
+            tuple(w // widths[0] for w in widths) if all(w % widths[0] == 0 for w in widths) else None,
+        )
 
     @property
     def latent_channels(self) -> int:
@@ -76,7 +112,7 @@ class VAEConfig:
     @property
     def downsample_factor(self) -> int:
         """Pixels per latent token side: 2^(levels-1) from the VAE times the patch size (16 for FLUX.2)."""
-        return 2 ** (len(self.ch_mult) - 1) * self.patch_size
+        return 2 ** (len(self.widths) - 1) * self.patch_size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,6 +176,8 @@ KLEIN_4B = dataclasses.replace(
     use_guidance_embed=False,
 )
 FLUX2_AE = VAEConfig()
+# BFL's FLUX.2-small-decoder (Apache-2.0): the full encoder, a narrower decoder for the same latents.
+FLUX2_SMALL_DECODER_AE = VAEConfig(decoder_widths=(96, 192, 384, 384))
 
 # Hidden-layer taps: BFL text_encoder.py (Mistral 10/20/30, Qwen3 9/18/27), spec 5.1.
 MISTRAL_SMALL = TextEncoderConfig(kind="mistral3", hidden_layers=(10, 20, 30), hidden_size=5120)

@@ -5,16 +5,18 @@ in this order (each later step must see what the earlier ones produced):
 
     1. quantization   fp8 (dynamic e4m3 rowwise, block Linears) or weight-only int8 / int4 (all Linears).
                       Module swaps come first so compile traces, and offload packs, the final modules.
-    2. attention      the process-wide backend behind `model.attention.attention()`: SDPA's own choice,
-                      or SDPA forced to flash / cuDNN / memory-efficient, or FlashAttention-3 (custom op).
+    2. attention      the model's own backend (`Flux2.set_attention_backend`): SDPA's own choice, or SDPA
+                      forced to flash / cuDNN / memory-efficient, or FlashAttention-3 (custom op); "auto"
+                      picks per device (`resolve_attention`).
     3. compile        regional: each double / single block gets `block.compile()` (one graph per block type,
                       shared by all blocks of that type); embedders and modulation stay eager (< 1 % of time).
     4. offload        block streaming from pinned host memory (accel/offload.py); outside the compiled blocks.
     5. cuda_graphs    whole-forward capture (accel/cuda_graphs.py) around everything above; last by construction.
 
 Lossless (same function up to kernel rounding): attention backends, compile, offload, CUDA graphs. Lossy: fp8,
-int8, int4 (measure against bf16: docs/BENCHMARKS.md). The attention backend is a process-wide setting; `apply`
-returns the previous one in `Accelerated.previous_attention` so callers can restore it.
+int8, int4 (measure against bf16: docs/BENCHMARKS.md). The attention backend belongs to the model (two models in
+one process may differ); `apply` returns the model's previous one in `Accelerated.previous_attention`.
+`AccelOptions.validate(device)` rejects combinations that cannot run on a device before anything is loaded.
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fluxion.accel.cuda_graphs import CUDAGraphed
 from fluxion.accel.offload import BlockOffload, offload_blocks
-from fluxion.model.attention import AttentionBackend, set_attention_backend
+from fluxion.model.attention import AttentionBackend
 from fluxion.quant.fp8 import convert_linears
 from fluxion.quant.weight_only import quantize_weight_only
 
-AttentionName = Literal["sdpa", "flash", "cudnn", "efficient", "math", "fa3"]
+AttentionName = Literal["auto", "sdpa", "flash", "cudnn", "efficient", "math", "fa3"]
 _SDPA_KERNELS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -47,7 +49,8 @@ _SDPA_KERNELS = {
 class AccelOptions:
     """What to turn on. The defaults are the reference path (plain SDPA, eager, bf16, resident)."""
 
-    attention: AttentionName = "sdpa"  # "sdpa" = SDPA picks (flash on Hopper); cuDNN is ~2x flash on H100
+    attention: AttentionName = "sdpa"  # "sdpa" = SDPA picks (flash on Hopper); cuDNN is ~2x flash on H100;
+    # "auto": FA3 if installed, else cuDNN on Hopper or newer, else SDPA's own pick (resolve_attention)
     compile: bool = False  # regional: `block.compile()` per double / single block
     compile_mode: str | None = None  # torch.compile mode for the blocks, e.g. "max-autotune-no-cudagraphs"
     compile_dynamic: bool | None = False  # False: one static graph per shape (no symbolic-shape kernels)
@@ -63,16 +66,49 @@ class AccelOptions:
     device: str = "cuda"  # where offloaded blocks are streamed to
 
     def __post_init__(self) -> None:
-        if self.attention not in (*_SDPA_KERNELS, "sdpa", "fa3"):
-            raise ValueError(f"unknown attention backend {self.attention!r}")
+        if self.attention not in (*_SDPA_KERNELS, "sdpa", "fa3", "auto"):
+            raise ValueError(
+                f"unknown attention backend {self.attention!r}; choose one of auto, sdpa, "
+                f"{', '.join(_SDPA_KERNELS)}, fa3"
+            )
         if self.fp8 and self.weight_only:
-            raise ValueError("choose one of fp8 and weight_only quantization")
+            raise ValueError(f"choose one of fp8 and {self.weight_only} quantization, not both")
         if self.weight_only not in (None, "int8", "int4"):
             raise ValueError(f"weight_only must be None, 'int8' or 'int4', got {self.weight_only!r}")
         if self.offload not in (None, "blocks"):
             raise ValueError(f"offload must be None or 'blocks', got {self.offload!r}")
         if self.cuda_graphs and self.offload:
             raise ValueError("CUDA graphs need resident weights: turn off offload or cuda_graphs")
+
+    def validate(self, device: str | torch.device) -> None:
+        """Raise a one-line ValueError if these options cannot run on `device`; loads nothing (call it first)."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            on = f"on a {device.type} device"
+            if self.fp8:
+                raise ValueError(f"fp8 needs a CUDA GPU (compute capability 8.9+); drop --fp8 {on}")
+            if self.cuda_graphs:
+                raise ValueError(f"CUDA graphs need a CUDA GPU; drop --cuda-graphs {on}")
+            if self.compile and self.compile_backend == "inductor":
+                raise ValueError(f"compiled blocks are for CUDA GPUs; drop --compile {on}")
+            if self.offload:
+                raise ValueError(f"block offload streams weights to a GPU; drop --offload blocks {on}")
+            if self.attention not in ("auto", "sdpa", "math"):
+                raise ValueError(f"attention {self.attention!r} needs a CUDA GPU; use --attention sdpa {on}")
+        elif not torch.cuda.is_available():
+            raise ValueError("no CUDA device is available; pass --device cpu")
+        elif self.fp8 and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(
+                "fp8 needs compute capability 8.9+ (Ada, Hopper or newer); drop --fp8 on this GPU"
+            )
+        if self.attention == "fa3":
+            from fluxion.kernels.flash import fa3_available
+
+            if not fa3_available():
+                raise ValueError(
+                    "attention 'fa3' needs FlashAttention-3 (flash_attn_interface) and a Hopper GPU; "
+                    "use --attention cudnn or auto"
+                )
 
 
 @dataclass
@@ -100,8 +136,24 @@ def sdpa_backend(kernel: SDPBackend) -> AttentionBackend:
     return attention
 
 
-def attention_backend(name: AttentionName) -> AttentionBackend | None:
+def resolve_attention(name: AttentionName, device: str | torch.device = "cuda") -> AttentionName:
+    """ "auto" -> a concrete backend for `device`: FA3 if installed, else cuDNN on Hopper or newer (~2x SDPA's
+    flash pick on H100, docs/BENCHMARKS.md), else SDPA's own pick. Other names pass through."""
+    if name != "auto":
+        return name
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "sdpa"
+    from fluxion.kernels.flash import fa3_available
+
+    if fa3_available():
+        return "fa3"
+    return "cudnn" if torch.cuda.get_device_capability(device) >= (9, 0) else "sdpa"
+
+
+def attention_backend(name: AttentionName, device: str | torch.device = "cuda") -> AttentionBackend | None:
     """The backend function for `name`; None means plain SDPA (the model's default)."""
+    name = resolve_attention(name, device)
     if name == "sdpa":
         return None
     if name == "fa3":
@@ -126,14 +178,16 @@ def compile_blocks(
 def apply(model: nn.Module, opts: AccelOptions) -> Accelerated:
     """Turn on the features of `opts` on `model` (in place) in the order of the module docstring."""
     result = Accelerated(module=model)
-    backend = attention_backend(opts.attention)  # resolved first: an unavailable kernel fails before any swap
+    backend = attention_backend(
+        opts.attention, opts.device
+    )  # first: an unavailable kernel fails before any swap
     # 1. quantization
     if opts.fp8:
         result.quantized = convert_linears(model, opts.fp8_filter)
     elif opts.weight_only:
         result.quantized = quantize_weight_only(model, opts.weight_only, group_size=opts.int4_group_size)
-    # 2. attention (process-wide)
-    result.previous_attention = set_attention_backend(backend)
+    # 2. attention (this model's own)
+    result.previous_attention = model.set_attention_backend(backend)
     # 3. compile
     if opts.compile:
         result.compiled = compile_blocks(model, opts.compile_mode, opts.compile_dynamic, opts.compile_backend)
@@ -146,8 +200,19 @@ def apply(model: nn.Module, opts: AccelOptions) -> Accelerated:
     if opts.cuda_graphs:
         if not torch.cuda.is_available():
             raise ValueError("cuda_graphs=True needs a CUDA device")
-        result.module = CUDAGraphed(model)
+        result.module = GraphedFlux2(model)
     return result
+
+
+class GraphedFlux2(CUDAGraphed):
+    """CUDA graphs for the plain forward; the KV extract / cached forwards (whose cache object changes per
+    image) run eagerly on the wrapped model."""
+
+    def forward_kv_extract(self, *args, **kwargs):
+        return self.module.forward_kv_extract(*args, **kwargs)
+
+    def forward_kv_cached(self, *args, **kwargs):
+        return self.module.forward_kv_cached(*args, **kwargs)
 
 
 @dataclass(frozen=True, kw_only=True)

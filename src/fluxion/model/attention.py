@@ -1,7 +1,9 @@
 """RoPE tables, their application, and `attention()`: the only attention call site in fluxion.
 
-Every attention in the transformer goes through `attention()`. It runs plain SDPA unless a faster backend was
-installed from outside with `set_attention_backend` (that is `accel/`'s job; this module never picks one).
+Every attention in the transformer goes through `attention()`. It runs plain SDPA unless the calling model carries
+a faster backend (`Flux2.set_attention_backend`, done from outside by `accel.apply`: this module never picks one).
+The backend belongs to the model, so two models in one process (a server) can run different kernels.
+`set_attention_backend` below is only the process-wide fallback for models that carry none (benchmarks use it).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ _backend: AttentionBackend = _sdpa
 
 
 def set_attention_backend(fn: AttentionBackend | None) -> AttentionBackend:
-    """Install `fn` as the attention kernel (None restores SDPA). Returns the previous backend."""
+    """Install `fn` as the fallback kernel of models without their own backend (None restores SDPA). Returns
+    the previous fallback. Prefer the per-model `Flux2.set_attention_backend`."""
     global _backend
     previous = _backend
     _backend = _sdpa if fn is None else fn
@@ -35,12 +38,13 @@ def get_attention_backend() -> AttentionBackend:
     return _backend
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Non-causal, unmasked attention with scale 1/sqrt(d_h) (spec 2.12).
+def attention(q: Tensor, k: Tensor, v: Tensor, backend: AttentionBackend | None = None) -> Tensor:
+    """Non-causal, unmasked attention with scale 1/sqrt(d_h) (spec 2.12), run by `backend` (the model's own;
+    None: the process fallback, plain SDPA unless changed).
 
     q: [B, H, L_q, d_h], k and v: [B, H, L_k, d_h] -> [B, L_q, H * d_h] (heads concatenated, head-major).
     """
-    out = _backend(q, k, v)
+    out = (backend or _backend)(q, k, v)
     return out.transpose(1, 2).flatten(2)
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fluxion.config import TransformerConfig
-from fluxion.model.attention import apply_rope, attention, cat_pe, rope
+from fluxion.model.attention import AttentionBackend, apply_rope, attention, cat_pe, rope
 
 Mod = tuple[Tensor, Tensor, Tensor]  # (shift, scale, gate), each [B, 1 or L, D]
 
@@ -152,30 +152,35 @@ class _KVStep:
         return kv
 
 
-def joint_attention(q: Tensor, k: Tensor, v: Tensor, num_txt: int, kv: _KVStep | None) -> Tensor:
+def joint_attention(
+    q: Tensor, k: Tensor, v: Tensor, num_txt: int, kv: _KVStep | None, backend: AttentionBackend | None = None
+) -> Tensor:
     """Attention over [txt ; image tokens] sequences, q/k/v [B, H, L, d_h] after RoPE -> [B, L, D].
 
     kv=None: plain full attention. Extract: the sequence is [txt ; ref ; out]; txt and out queries see every
     key, reference queries see only reference keys, and the reference K/V are stored. Cached: the sequence is
-    [txt ; out] and the stored reference K/V are inserted between them on the key side.
+    [txt ; out] and the stored reference K/V are inserted between them on the key side. `backend`: the model's
+    attention kernel (None: plain SDPA).
     """
     if kv is None:
-        return attention(q, k, v)
+        return attention(q, k, v, backend)
     if kv.mode == "cached":
         k_ref, v_ref = kv.next_cached()
         k_all = torch.cat([k[:, :, :num_txt], k_ref, k[:, :, num_txt:]], dim=2)
         v_all = torch.cat([v[:, :, :num_txt], v_ref, v[:, :, num_txt:]], dim=2)
-        return attention(q, k_all, v_all)
+        return attention(q, k_all, v_all, backend)
     ref = slice(num_txt, num_txt + kv.num_ref)
     kv.slots.append((k[:, :, ref], v[:, :, ref]))
     q_main = torch.cat([q[:, :, :num_txt], q[:, :, ref.stop :]], dim=2)
-    out_main = attention(q_main, k, v)  # [B, L_txt + N_out, D]
-    out_ref = attention(q[:, :, ref], k[:, :, ref], v[:, :, ref])  # [B, N_ref, D]
+    out_main = attention(q_main, k, v, backend)  # [B, L_txt + N_out, D]
+    out_ref = attention(q[:, :, ref], k[:, :, ref], v[:, :, ref], backend)  # [B, N_ref, D]
     return torch.cat([out_main[:, :num_txt], out_ref, out_main[:, num_txt:]], dim=1)
 
 
 class DoubleStreamBlock(nn.Module):
     """Separate img/txt weights, joint attention over [txt ; img] (spec 2.6)."""
+
+    attention_backend: AttentionBackend | None = None  # set per model by Flux2.set_attention_backend
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -213,7 +218,7 @@ class DoubleStreamBlock(nn.Module):
         k = apply_rope(torch.cat([txt_k, img_k], dim=2), pe)
         v = torch.cat([txt_v, img_v], dim=2)
         num_txt = txt.shape[1]
-        attn = joint_attention(q, k, v, num_txt, kv)
+        attn = joint_attention(q, k, v, num_txt, kv, self.attention_backend)
         txt_attn, img_attn = attn[:, :num_txt], attn[:, num_txt:]
 
         img = img + img_mod1[2] * self.img_attn.proj(img_attn)
@@ -225,6 +230,8 @@ class DoubleStreamBlock(nn.Module):
 
 class SingleStreamBlock(nn.Module):
     """Parallel attention + MLP over the joint sequence with fused in/out projections (spec 2.7)."""
+
+    attention_backend: AttentionBackend | None = None  # set per model by Flux2.set_attention_backend
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -245,7 +252,7 @@ class SingleStreamBlock(nn.Module):
         )
         q, k, v = split_qkv(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
-        attn = joint_attention(apply_rope(q, pe), apply_rope(k, pe), v, num_txt, kv)
+        attn = joint_attention(apply_rope(q, pe), apply_rope(k, pe), v, num_txt, kv, self.attention_backend)
         return x + mod[2] * self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1))
 
 
@@ -266,6 +273,8 @@ class LastLayer(nn.Module):
 class Flux2(nn.Module):
     """The FLUX.2 transformer. Predicts the velocity v = noise - x0 for packed latent tokens."""
 
+    attention_backend: AttentionBackend | None = None  # this model's kernel; see set_attention_backend
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
@@ -280,6 +289,14 @@ class Flux2(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.num_double_blocks))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.num_single_blocks))
         self.final_layer = LastLayer(D, cfg.in_channels)
+
+    def set_attention_backend(self, fn: AttentionBackend | None) -> AttentionBackend | None:
+        """Run this model's attention with `fn` (q, k, v [B, H, L, d_h] -> [B, H, L_q, d_h]; None: plain SDPA).
+        Stored on every block (a plain attribute, not state): compiled blocks guard on it. Returns the old one."""
+        previous, self.attention_backend = self.attention_backend, fn
+        for block in (*self.double_blocks._modules.values(), *self.single_blocks._modules.values()):
+            block.attention_backend = fn
+        return previous
 
     def embed_time(self, timesteps: Tensor, guidance: Tensor | None) -> Tensor:
         """vec [B, D] = time_in(temb(t)) (+ guidance_in(temb(g)) for [dev]); klein ignores guidance."""

@@ -44,12 +44,6 @@ from fluxion.weights.models import Models
 
 __all__ = ["Models", "Request", "Result", "decode", "draw_noise", "encode_prompts", "generate", "inpaint"]
 
-# Above this many output pixels the VAE decodes in overlapping 1024-px tiles (vae/tiling.py): a plain fp32 decode
-# at 4 MP peaks at 17 GiB of activations, tiled at 4.4 GiB. Tiles are not bit-identical to the plain decode
-# (seams cross-faded; see tiling.py), so sizes up to 1920x1536 keep the plain path.
-TILED_DECODE_PIXELS = 1920 * 1536
-
-
 def resolve_guidance(spec: ModelSpec, guidance: float | None, allow_override: bool) -> Guidance:
     g = spec.default_guidance if guidance is None else guidance
     if g < 0:
@@ -193,15 +187,9 @@ def _vae_dtype(models: Models) -> torch.dtype:
 
 
 def decode(models: Models, tokens: Tensor, h: int, w: int) -> Tensor:
-    """[B, 3, 16h, 16w] pixels; in 1024-px tiles above TILED_DECODE_PIXELS (see there)."""
+    """[B, 3, 16h, 16w] pixels (`Models.decode_latents` picks the tiled path when the image would not fit)."""
     with _on_device(models, models.vae), torch.no_grad():
-        z = unpack(tokens, h, w).to(_vae_dtype(models))
-        f = models.spec.vae.downsample_factor
-        if h * w * f * f > TILED_DECODE_PIXELS and hasattr(models.vae, "cfg"):
-            from fluxion.vae.tiling import tiled_decode
-
-            return tiled_decode(models.vae, z)
-        return models.vae.decode(z)
+        return models.decode_latents(unpack(tokens, h, w).to(_vae_dtype(models)))  # tiled when it would not fit
 
 
 def draw_noise(
@@ -304,7 +292,7 @@ def _note_resized(spec: ModelSpec, originals, prepared) -> None:
 def _run(models, x, x_ids, cond, timesteps, guidance, progress, preview, h, w, after_step=None) -> Tensor:
     total, t0 = len(timesteps) - 1, time.perf_counter()
     out = x
-    for i, out in denoise_steps(models.transformer, x, x_ids, cond, timesteps, guidance, after_step):
+    for i, out in denoise_steps(models.denoiser, x, x_ids, cond, timesteps, guidance, after_step):
         if models.device.type == "cuda" and (progress or preview):  # timing a step needs it finished
             torch.cuda.synchronize()
         now = time.perf_counter()

@@ -139,10 +139,10 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        widths = [cfg.ch * m for m in cfg.ch_mult]  # 128, 256, 512, 512 for FLUX.2
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        widths = cfg.widths  # 128, 256, 512, 512 for FLUX.2; any list (diffusers block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
         self.down = nn.ModuleList()
-        block_in = cfg.ch
+        block_in = widths[0]
         for level, block_out in enumerate(widths):
             down = nn.Module()  # plain container: its attribute names are the checkpoint keys
             down.block = nn.ModuleList()
@@ -162,10 +162,10 @@ class Encoder(nn.Module):
         h = self.conv_in(x)  # [B, 128, H, W]
         for level, down in enumerate(self.down):
             for block in down.block:
-                h = block(h)  # [B, ch * ch_mult[level], H / 2^level, W / 2^level]
+                h = block(h)  # [B, widths[level], H / 2^level, W / 2^level]
             if level != len(self.down) - 1:
                 h = down.downsample(h)
-        h = self.mid(h)  # [B, 512, H/8, W/8]
+        h = self.mid(h)  # [B, widths[-1], H/8, W/8]
         h = self.conv_out(F.silu(self.norm_out(h)))  # [B, 64, H/8, W/8]: mean and log-variance, 32 each
         return self.quant_conv(h)
 
@@ -175,7 +175,9 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        widths = [cfg.ch * m for m in cfg.ch_mult]
+        widths = (
+            cfg.decoder_widths
+        )  # its own list: BFL's small decoder is 96/192/384/384 behind a 128.. encoder
         block_in = widths[-1]
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
@@ -197,14 +199,14 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.conv_in(self.post_quant_conv(z))  # [B, 512, h, w]
+        h = self.conv_in(self.post_quant_conv(z))  # [B, decoder_widths[-1], h, w]
         h = self.mid(h)
         # The reference casts to the up-blocks' dtype here (a no-op unless mid and up blocks differ in dtype).
         h = h.to(next(self.up.parameters()).dtype)
         for level in reversed(range(len(self.up))):  # deepest level first
             up = self.up[level]
             for block in up.block:
-                h = block(h)  # [B, ch * ch_mult[level], 8h / 2^level, 8w / 2^level]
+                h = block(h)  # [B, decoder_widths[level], 8h / 2^level, 8w / 2^level]
             if level != 0:
                 h = up.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))  # [B, 3, 8h, 8w]

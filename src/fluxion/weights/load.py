@@ -200,12 +200,15 @@ def component_shapes(path: str | Path, component: str) -> dict[str, tuple[int, .
 
 
 def infer_transformer_config(shapes: dict[str, tuple[int, ...]]) -> TransformerConfig:
-    """The transformer config implied by BFL-named tensor shapes (head dim 128 as in every FLUX.2 model)."""
+    """The transformer config implied by BFL-named tensor shapes: width, depths, heads (head dim = the QK-norm
+    width), context width, MLP ratio, time-embedding width, guidance embedder or not. Not in the shapes: RoPE
+    theta (2000) and the split of the head dim over the 4 RoPE axes (equal quarters, as in every FLUX.2 model)."""
     try:
         D, in_channels = shapes["img_in.weight"]
         context_in_dim = shapes["txt_in.weight"][1]
         head_dim = shapes["single_blocks.0.norm.query_norm.scale"][0]
         mlp_hidden = shapes["single_blocks.0.linear2.weight"][1] - D
+        time_channels = shapes["time_in.in_layer.weight"][1]  # width of the sinusoidal embedding
     except KeyError as e:
         raise CheckpointError(f"not a FLUX.2 transformer checkpoint: key {e} is missing") from None
     count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix)})  # noqa: E731
@@ -220,6 +223,7 @@ def infer_transformer_config(shapes: dict[str, tuple[int, ...]]) -> TransformerC
         mlp_ratio=mlp_hidden / D,
         axes_dim=(axis,) * 4,
         use_guidance_embed="guidance_in.in_layer.weight" in shapes,
+        time_channels=time_channels,
     )
 
 
@@ -356,15 +360,30 @@ def load_transformer(
 
 
 def infer_vae_config(shapes: dict[str, tuple[int, ...]], num_groups: int = 32) -> VAEConfig:
+    """The autoencoder config implied by BFL-named tensor shapes: encoder and decoder widths per level (read
+    separately: the small decoder is narrower than its encoder), ResNets per level, latent channels. A
+    decoder-only dict gets encoder widths equal to its decoder's (callers pair it with a real encoder)."""
+
+    def widths(prefix: str) -> tuple[int, ...]:
+        levels = sorted({int(k.split(".")[2]) for k in shapes if k.startswith(prefix)})
+        return tuple(shapes[f"{prefix}{lv}.block.0.conv2.weight"][0] for lv in levels)
+
     try:
-        ch = shapes["encoder.conv_in.weight"][0]
-        z = shapes["decoder.post_quant_conv.weight"][0]
+        dec = widths("decoder.up.")
+        enc = widths("encoder.down.") or dec
+        if "decoder.post_quant_conv.weight" in shapes:
+            z = shapes["decoder.post_quant_conv.weight"][0]
+        else:
+            z = shapes["encoder.quant_conv.weight"][0] // 2
     except KeyError as e:
         raise CheckpointError(f"not a FLUX.2 autoencoder checkpoint: key {e} is missing") from None
-    levels = sorted({int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down.")})
-    ch_mult = tuple(shapes[f"encoder.down.{lv}.block.0.conv2.weight"][0] // ch for lv in levels)
-    blocks = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
-    return VAEConfig(ch=ch, ch_mult=ch_mult, num_res_blocks=blocks, z_channels=z, num_groups=num_groups)
+    if not dec:
+        raise CheckpointError("not a FLUX.2 autoencoder checkpoint: no decoder.up.* keys")
+    count = lambda prefix: len({k.split(".")[4] for k in shapes if k.startswith(prefix)})  # noqa: E731
+    blocks = count("encoder.down.0.block.") or count("decoder.up.0.block.") - 1
+    return VAEConfig(
+        widths=enc, decoder_widths=dec, num_res_blocks=blocks, z_channels=z, num_groups=num_groups
+    )
 
 
 def load_autoencoder(
@@ -422,7 +441,12 @@ def diffusers_vae_config(cfg: VAEConfig) -> dict:
         "_class_name": "AutoencoderKLFlux2",
         "in_channels": cfg.in_channels,
         "out_channels": cfg.out_channels,
-        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult],
+        "block_out_channels": list(cfg.widths),
+        **(
+            {"decoder_block_out_channels": list(cfg.decoder_widths)}
+            if cfg.decoder_widths != cfg.widths
+            else {}
+        ),
         "layers_per_block": cfg.num_res_blocks,
         "latent_channels": cfg.z_channels,
         "norm_num_groups": cfg.num_groups,

@@ -1,15 +1,36 @@
 """One `Models`: every loaded component of a FLUX.2 model, and `load_models`, the one way to build it from a
 checkpoint (the embedded fluxion-tiny, a diffusers folder, or a BFL transformer file plus --vae / --text).
-The CLI, the trainer, the evaluator and the server all load through here."""
+The CLI, the trainer, the evaluator and the server all load through here.
+
+The spec comes from the checkpoint itself (`weights/spec.py`); the performance layer (`accel.apply`,
+`accel.apply_vae`) is applied here from outside the model, after `AccelOptions.validate` has refused what cannot
+run on the device, before any weight is read.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from torch import Tensor
 
-from fluxion.config import ModelSpec
+from fluxion.config import ModelSpec, VAEConfig
 from fluxion.model.transformer import Flux2
+
+if TYPE_CHECKING:
+    from fluxion.accel.apply import Accelerated, AccelOptions, VAEAccelOptions
+    from fluxion.text.encoder import TextEncoder
+    from fluxion.vae.autoencoder import AutoEncoder
+
+OffloadMode = Literal["none", "model", "blocks"]
+# Decoding needs ~4.3 kB of fp32 activations per output pixel at its peak (vae/tiling.py: 17 GiB at 2048^2).
+_DECODE_BYTES_PER_PIXEL = 4400
+_CPU_TILE_ABOVE = (
+    2048 * 2048
+)  # pixels per image above which a CPU decode is tiled (RAM, not free-memory, bound)
 
 
 @dataclass
@@ -18,18 +39,85 @@ class Models:
 
     spec: ModelSpec
     transformer: Flux2
-    vae: torch.nn.Module
-    text: object | None
+    vae: AutoEncoder
+    text: TextEncoder | None  # None after release_text_encoder
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32  # transformer compute dtype; the VAE stays fp32 (spec 4.5)
     prompt_cache: object | None = None  # fluxion.text.cache.PromptCache
-    offload: bool = False  # keep components on the CPU and move each to the device only while it runs
+    offload: bool = (
+        False  # keep VAE and text encoder on the CPU and move each to the device only while it runs
+    )
+    accelerated: Accelerated | None = None  # what accel.apply did to the transformer (None: plain path)
+    tile_decode: bool | None = (
+        None  # None: tile the VAE decode when the image would not fit; True / False: force
+    )
+
+    @property
+    def denoiser(self):
+        """What the sampler calls: `transformer` (which a caller may have wrapped, e.g. for sequence parallelism),
+        or its CUDA-graph wrapper when graphs are on."""
+        from fluxion.accel.apply import GraphedFlux2
+
+        acc = self.accelerated
+        return acc.module if acc is not None and isinstance(acc.module, GraphedFlux2) else self.transformer
 
     def release_text_encoder(self) -> None:
         """Free the text encoder (the largest component of [dev]); later prompts must be cached already."""
         self.text = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def should_tile(self, z: Tensor) -> bool:
+        """Whether decoding latents z [B, 128, h, w] takes the tiled path: forced by `tile_decode`, else when the
+        plain decode's peak activations would not fit in free device memory (CPU: above 2048^2 pixels)."""
+        if self.tile_decode is not None:
+            return self.tile_decode
+        f = self.vae.cfg.downsample_factor
+        pixels = z.shape[-2] * z.shape[-1] * f * f
+        if self.device.type != "cuda":
+            return pixels > _CPU_TILE_ABOVE
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return z.shape[0] * pixels * _DECODE_BYTES_PER_PIXEL > 0.9 * free
+
+    def decode_latents(self, z: Tensor) -> Tensor:
+        """Normalised latents [B, 128, h, w] -> pixels [B, 3, 16h, 16w] (unclamped), tiled when needed."""
+        if self.should_tile(z):
+            from fluxion.vae.tiling import tiled_decode
+
+            return tiled_decode(self.vae, z)
+        return self.vae.decode(z)
+
+    def describe(self) -> str:
+        """One line per component: what was loaded and how it runs."""
+        s, t, acc = self.spec, self.transformer.cfg, self.accelerated
+        with torch.device("meta"):  # the unquantized count (quantized weights live in buffers)
+            n = sum(p.numel() for p in Flux2(t).parameters())
+        size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+        fast = []
+        if acc is not None:
+            fast += [f"{len(acc.quantized)} linears quantized"] if acc.quantized else []
+            fast += [f"{acc.compiled} blocks compiled"] if acc.compiled else []
+            fast += ["blocks offloaded"] if acc.offload is not None else []
+            fast += ["CUDA graphs"] if acc.module is not self.transformer else []
+        backend = getattr(self.transformer.attention_backend, "__name__", "sdpa")
+        v = self.vae.cfg
+        text = (
+            f"{s.text.kind} width {s.text.hidden_size}, taps {'/'.join(map(str, s.text.hidden_layers))}, "
+            f"{s.text.max_length} tokens" + ("" if self.text is not None else " (released)")
+        )
+        return "\n".join(
+            [
+                f"model        {s.name} ({s.guidance_mode} guidance{', KV refs' if s.kv_cache else ''}; "
+                f"defaults {s.default_steps} steps, guidance {s.default_guidance:g}; licence: {s.license or '-'})",
+                f"transformer  {size} params, {t.num_double_blocks}+{t.num_single_blocks} blocks, width "
+                f"{t.hidden_size}, {t.num_heads} heads; {str(self.dtype).removeprefix('torch.')} on "
+                f"{self.device}; attention {backend}" + (f"; {', '.join(fast)}" if fast else ""),
+                f"autoencoder  encoder {'/'.join(map(str, v.widths))}, decoder "
+                f"{'/'.join(map(str, v.decoder_widths))}; tiled decode "
+                f"{'auto' if self.tile_decode is None else self.tile_decode}",
+                f"text         {text}" + ("; components offloaded" if self.offload else ""),
+            ]
+        )
 
 
 def embedded_model_dir(name: str = "fluxion-tiny"):
@@ -40,68 +128,105 @@ def embedded_model_dir(name: str = "fluxion-tiny"):
     return folder if (folder / "transformer.safetensors").is_file() else None
 
 
-def resolve_preset(model_path, preset: str | None) -> ModelSpec:
-    """The preset of a checkpoint: given, or read from diffusers' model_index.json / the BFL file name / the
-    tensor shapes. Variants with identical shapes (klein vs klein base vs klein KV) need one of the first three."""
-    import json
-    from pathlib import Path
-
-    from fluxion.config import PRESETS, get_preset
-    from fluxion.weights.load import component_shapes, infer_transformer_config, presets_matching
+def resolve_spec(
+    model_path,
+    preset: str | None = None,
+    *,
+    vae=None,
+    vae_decoder=None,
+    text=None,
+) -> ModelSpec:
+    """The spec of a checkpoint: the named preset when given, else derived from the checkpoint (weights/spec.py;
+    a released model's name and defaults come back when it is one)."""
+    from fluxion.config import get_preset
+    from fluxion.weights.spec import derive_spec
 
     if preset:
         return get_preset(preset)
-    path = Path(model_path)
-    name = path.name.lower()
-    for spec in PRESETS.values():
-        if spec.bfl_filename and name == spec.bfl_filename:
-            return spec
-    # Shapes only: a quantized file (GGUF, fp8, nf4) is not dequantized just to pick the preset.
-    candidates = presets_matching(infer_transformer_config(component_shapes(path, "transformer")))
-    index = path / "model_index.json"
-    if index.is_file() and len(candidates) > 1:
-        info = json.loads(index.read_text())
-        kv = info.get("_class_name") == "Flux2KleinKVPipeline"
-        distilled = info.get("is_distilled", kv)
-        for c in candidates:
-            spec = PRESETS[c]
-            if spec.kv_cache == kv and (spec.guidance_mode == "distilled") == bool(distilled):
-                return spec
-    if len(candidates) == 1:
-        return PRESETS[candidates[0]]
-    if not candidates:
-        raise ValueError(f"{path} matches no known preset; pass --preset with a config that fits it")
-    raise ValueError(f"{path} fits several presets ({', '.join(candidates)}); say which with --preset")
+    return derive_spec(model_path, vae=vae, vae_decoder=vae_decoder, text=text)
+
+
+def resolve_preset(model_path, preset: str | None = None, **components) -> ModelSpec:
+    """Kept for callers of the first API (the trainer's CLI): same as `resolve_spec`."""
+    return resolve_spec(model_path, preset, **components)
+
+
+def _device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("no CUDA device is available; pass --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device} is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
+def _offload_mode(offload: OffloadMode | bool | None) -> OffloadMode:
+    if offload is True:
+        return "model"
+    if offload in (False, None):
+        return "none"
+    if offload not in ("none", "model", "blocks"):
+        raise ValueError(f"offload must be none, model or blocks, not {offload!r}")
+    return offload
 
 
 def load_models(
-    model: str | None = None,
+    model: str | Path | None = None,
     *,
     preset: str | None = None,
-    vae: str | None = None,
-    text: str | None = None,
+    vae: str | Path | None = None,
+    vae_decoder: str | Path | None = None,
+    text: str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    offload: bool = False,
+    accel: AccelOptions | None = None,
+    vae_accel: VAEAccelOptions | None = None,
+    offload: OffloadMode | bool = "none",
+    tile_decode: bool | None = None,
 ) -> Models:
-    """Load transformer, VAE and text encoder. `model`: None or "fluxion-tiny" for the embedded model, a
-    diffusers model folder (transformer/, vae/, text_encoder/, tokenizer/), or a BFL transformer file (then
-    `vae` (ae.safetensors) and `text` (a text-encoder folder) are needed too)."""
-    from pathlib import Path
+    """Load transformer, VAE and text encoder, then turn on the requested fast paths.
 
-    from fluxion.config import get_preset
+    model: None / "fluxion-tiny" (embedded), a diffusers model folder (transformer/, vae/, text_encoder/,
+    tokenizer/, model_index.json), or a BFL transformer file (then `vae` and `text` are needed).
+    preset: a preset name pins the spec (else it is derived from the checkpoint). vae / text: override the
+    folder's own. vae_decoder: a decoder-only file (e.g. BFL's small_decoder.safetensors) or a VAE folder whose
+    decoder replaces the autoencoder's. accel: `AccelOptions` for the transformer (fp8 / int8 / int4, attention,
+    compile, CUDA graphs, block offload); vae_accel: `VAEAccelOptions`. offload: "model" keeps VAE and text
+    encoder on the CPU between uses; "blocks" also streams the transformer's blocks from pinned host memory.
+    tile_decode: None decodes tiled only when the image would not fit (see `Models.should_tile`).
+    Bad combinations raise ValueError before any weight is read."""
+    from fluxion.accel.apply import AccelOptions, apply, apply_vae
     from fluxion.text.encoder import load_text_encoder
-    from fluxion.weights.load import bundle_components, load_autoencoder, load_transformer
+    from fluxion.weights.load import bundle_components, load_transformer
 
-    device = torch.device(device)
-    if model is None or model == "fluxion-tiny":
+    # 1. everything that can be refused without reading weights
+    device = _device(device)
+    mode = _offload_mode(offload)
+    if mode == "blocks" or (accel is not None and accel.offload):
+        accel = dataclasses.replace(accel or AccelOptions(), offload="blocks", device=str(device))
+        mode = "blocks"
+    elif accel is not None:
+        accel = dataclasses.replace(accel, device=str(device))
+    if accel is not None:
+        accel.validate(device)
+    if accel is not None and accel.cuda_graphs and mode != "none":
+        raise ValueError("CUDA graphs need every weight resident on the GPU: drop --offload or --cuda-graphs")
+
+    if model is None or str(model) == "fluxion-tiny":
         folder = embedded_model_dir()
         if folder is None:
             raise FileNotFoundError(
                 "this fluxion build has no embedded model; pass --model with a FLUX.2 checkpoint "
                 "(a diffusers folder, or a BFL .safetensors file with --vae and --text)"
             )
-        spec = get_preset("fluxion-tiny")
+        if preset not in (None, "fluxion-tiny") or vae is not None:
+            raise ValueError(
+                "--preset / --vae do not apply to the embedded model; pass --model with a checkpoint"
+            )
+        spec = resolve_spec(None, "fluxion-tiny", vae_decoder=vae_decoder)
         tr_path, vae_path, text_path = (
             Path(str(folder / "transformer.safetensors")),
             Path(str(folder / "vae.safetensors")),
@@ -113,7 +238,7 @@ def load_models(
             raise FileNotFoundError(
                 f"no model at {path}: give a diffusers folder, a BFL .safetensors file or a preset"
             )
-        spec = resolve_preset(path, preset)
+        spec = resolve_spec(path, preset, vae=vae, vae_decoder=vae_decoder, text=text)
         tr_path = path
         parts = bundle_components(path)  # a ComfyUI all-in-one file also holds vae.* / text_encoders.*
         vae_path = (
@@ -126,13 +251,83 @@ def load_models(
             )
         if text_path is None and spec.text.kind != "minilm":
             raise ValueError(f"{path} is a single transformer file: pass the text-encoder folder with --text")
+
+    # 2. weights
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    home = torch.device("cpu") if offload else device
-    transformer = load_transformer(tr_path, spec.transformer, dtype=dtype, device=device)
-    ae = load_autoencoder(vae_path, spec.vae, dtype=torch.float32, device=home)
+    home = torch.device("cpu") if mode != "none" else device
+    # Streamed blocks start on the host: offload_blocks packs them into pinned memory and moves the rest.
+    transformer = load_transformer(
+        tr_path, spec.transformer, dtype=dtype, device="cpu" if mode == "blocks" else device
+    )
+    ae = load_vae(vae_path, spec.vae, vae_decoder, device=home)
+    if ae.cfg != spec.vae:  # the VAE file is what it is (e.g. the small decoder under a released preset)
+        spec = dataclasses.replace(spec, vae=ae.cfg)
     encoder = load_text_encoder(
         text_path, spec.text, device=home, dtype=dtype if device.type == "cuda" else torch.float32
     )
+
+    # 3. the performance layer, from outside the model
+    accelerated = apply(transformer, accel) if accel is not None else None
+    if vae_accel is not None:
+        apply_vae(ae, vae_accel)
     return Models(
-        spec=spec, transformer=transformer, vae=ae, text=encoder, device=device, dtype=dtype, offload=offload
+        spec=spec,
+        transformer=transformer,
+        vae=ae,
+        text=encoder,
+        device=device,
+        dtype=dtype,
+        offload=mode != "none",
+        accelerated=accelerated,
+        tile_decode=tile_decode,
     )
+
+
+def load_vae(path, cfg: VAEConfig, decoder=None, *, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The autoencoder at `path` in fp32 (spec 4.5). Its widths, depth and latent channels are read from the
+    file; `cfg` gives what shapes cannot tell (GroupNorm groups, BN eps). With `decoder` (a decoder-only file,
+    or a VAE file / folder whose decoder is wanted) that decoder replaces the one of `path`. The latent
+    statistics (`bn.*`) stay those of `path`: a decoder file carrying different ones is refused (it was not
+    trained for this encoder's latents)."""
+    from fluxion.vae.autoencoder import AutoEncoder
+    from fluxion.weights.load import check_state_dict, infer_vae_config, read_component
+    from fluxion.weights.vae_mapping import read_decoder_file
+
+    sd, _ = read_component(path, "vae")
+    source = str(path)
+    if decoder is not None:
+        dec = read_decoder_file(decoder)
+        for key in [k for k in dec if k.startswith("bn.")]:
+            if (
+                key != "bn.num_batches_tracked"
+                and key in sd
+                and not torch.equal(sd[key].float(), dec[key].float())
+            ):
+                raise ValueError(
+                    f"{decoder} carries latent statistics ({key}) that differ from those of {path}: "
+                    "this decoder was not trained for that encoder's latents"
+                )
+            dec.pop(key)
+        sd = {k: v for k, v in sd.items() if not k.startswith("decoder.")} | dec
+        source = f"{path} with the decoder of {decoder}"
+    found = infer_vae_config({k: tuple(v.shape) for k, v in sd.items()}, num_groups=cfg.num_groups)
+    cfg = dataclasses.replace(
+        cfg,
+        ch=None,
+        ch_mult=None,
+        widths=found.widths,
+        decoder_widths=found.decoder_widths,
+        num_res_blocks=found.num_res_blocks,
+        z_channels=found.z_channels,
+    )
+    # Files written by diffusers lack the BN step counter; it is never used (running stats only).
+    sd.setdefault("bn.num_batches_tracked", torch.tensor(0, dtype=torch.long))
+    with torch.device("meta"):
+        model = AutoEncoder(cfg)
+    check_state_dict(model, sd, source)
+    sd = {
+        k: v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype)
+        for k, v in sd.items()
+    }
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

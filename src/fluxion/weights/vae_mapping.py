@@ -151,3 +151,60 @@ def vae_bfl_to_diffusers(sd: Mapping[str, Tensor], num_levels: int | None = None
 def vae_diffusers_to_bfl(sd: Mapping[str, Tensor], num_levels: int | None = None) -> dict[str, Tensor]:
     """Diffusers `AutoencoderKLFlux2` state dict -> BFL / fluxion autoencoder state dict (tensors shared)."""
     return _convert(sd, to_diffusers=False, num_levels=num_levels)
+
+
+# A decoder-only file (BFL's `small_decoder.safetensors`) names the decoder's tensors without the `decoder.`
+# prefix ("bare" keys: conv_in.*, mid.*, up.*, norm_out.*, conv_out.*, post_quant_conv.*).
+_DECODER_ROOTS = (
+    "conv_in.",
+    "mid.",
+    "up.",
+    "norm_out.",
+    "conv_out.",
+    "post_quant_conv.",
+    "mid_block.",
+    "up_blocks.",
+)
+
+
+def decoder_only_to_bfl(sd: Mapping[str, Tensor], source: str = "decoder file") -> dict[str, Tensor]:
+    """A decoder-only state dict (bare BFL keys, `decoder.`-prefixed BFL keys, or diffusers `decoder.*` /
+    `post_quant_conv.*` keys; latent `bn.*` statistics allowed) -> BFL names `decoder.*` (+ `bn.*`).
+    Encoder tensors are refused: a whole autoencoder is passed as the VAE, not as a decoder."""
+    if any(k.startswith(("encoder.", "quant_conv.")) for k in sd):
+        raise ValueError(
+            f"{source} holds an encoder too: pass it as the VAE (--vae), not as a decoder-only file"
+        )
+    diffusers = any(
+        k.startswith(("up_blocks.", "mid_block.", "decoder.up_blocks.", "decoder.mid_block.")) for k in sd
+    )
+    out: dict[str, Tensor] = {}
+    unknown = []
+    for key, t in sd.items():
+        if key.startswith(("decoder.", "bn.")):
+            out[key] = t
+        elif key.startswith("post_quant_conv."):  # top level in diffusers, inside the decoder in BFL
+            out[key if diffusers else "decoder." + key] = t
+        elif key.startswith(_DECODER_ROOTS):
+            out["decoder." + key] = t
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} key(s) are not decoder tensors: {sorted(unknown)[:12]}")
+    return _convert(out, to_diffusers=False, num_levels=None) if diffusers else out
+
+
+def read_decoder_file(path) -> dict[str, Tensor]:
+    """BFL-named tensors (mmapped) of a decoder-only safetensors file or diffusers component folder."""
+    from pathlib import Path
+
+    from fluxion.weights.safetensors_io import load_folder_weights, load_safetensors
+
+    path = Path(path)
+    if path.is_dir():
+        sd = load_folder_weights(path, "diffusion_pytorch_model")
+    elif path.is_file():
+        sd = load_safetensors(path)
+    else:
+        raise FileNotFoundError(f"no decoder file at {path}")
+    return decoder_only_to_bfl(sd, str(path))

@@ -44,6 +44,7 @@ from fluxion.weights.models import Models
 
 __all__ = ["Models", "Request", "Result", "decode", "draw_noise", "encode_prompts", "generate", "inpaint"]
 
+
 def resolve_guidance(spec: ModelSpec, guidance: float | None, allow_override: bool) -> Guidance:
     g = spec.default_guidance if guidance is None else guidance
     if g < 0:
@@ -189,7 +190,9 @@ def _vae_dtype(models: Models) -> torch.dtype:
 def decode(models: Models, tokens: Tensor, h: int, w: int) -> Tensor:
     """[B, 3, 16h, 16w] pixels (`Models.decode_latents` picks the tiled path when the image would not fit)."""
     with _on_device(models, models.vae), torch.no_grad():
-        return models.decode_latents(unpack(tokens, h, w).to(_vae_dtype(models)))  # tiled when it would not fit
+        return models.decode_latents(
+            unpack(tokens, h, w).to(_vae_dtype(models))
+        )  # tiled when it would not fit
 
 
 def draw_noise(

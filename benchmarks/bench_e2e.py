@@ -7,7 +7,7 @@ same run.
 
 `--mode pipeline` times what a user gets: `fluxion.sampling.pipeline.generate` itself (prompt string in, PIL image
 out, warm, median of 5), with the fast paths switched on by the same code as `fluxion generate --compile
---cuda-graphs [--fp8]` (`fluxion.cli.accelerate`), next to the hand-built path above on the same model objects and
+--cuda-graphs [--fp8]` (`Models.accelerate`, which `load_models(accel=)` runs), next to the hand-built path above on the same model objects and
 diffusers' `Flux2KleinPipeline` whole call (eager, then with its transformer compiled) on the same weights (its
 transformer shares our storage, its VAE and Qwen3 hold copies of ours). Writes bench_e2e_pipeline.json.
 
@@ -360,7 +360,6 @@ def pipeline_main(args) -> None:
 
     from transformers import Qwen3ForCausalLM
 
-    from fluxion.cli import accelerate
     from fluxion.request import Request
     from fluxion.sampling import pipeline
     from fluxion.weights.models import Models
@@ -489,10 +488,10 @@ def pipeline_main(args) -> None:
 
         item("diffusers eager", 30, diffusers_eager)
         # 2. ours bf16: pipeline.generate and the hand-built path on the same accelerated objects
-        from fluxion.accel import AccelOptions
+        from fluxion.accel import AccelOptions, VAEAccelOptions
 
         def ours_bf16():
-            accelerate(models, AccelOptions(**fast))
+            models.accelerate(AccelOptions(**fast), VAEAccelOptions(compile=True) if cuda else None)
             row("pipeline.generate bf16 (--compile --cuda-graphs)", ours, warmup=3)
             row("hand-built e2e bf16 (same objects: tokens in, pixels out)", hand_built)
 
@@ -504,7 +503,7 @@ def pipeline_main(args) -> None:
 
             uncompile(model)
             models.transformer = model
-            accelerate(models, AccelOptions(**fast, fp8=cuda))
+            models.accelerate(AccelOptions(**fast, fp8=cuda))  # the VAE stays compiled from the bf16 pass
             row("pipeline.generate fp8 (--fp8 --compile --cuda-graphs)", ours, warmup=3)
             row("hand-built e2e fp8 (same objects: tokens in, pixels out)", hand_built)
 

@@ -284,70 +284,21 @@ OFFLOAD = ("none", "model", "blocks")
 
 def accel_from_args(args: argparse.Namespace, device):
     """(AccelOptions or None, component offload on/off) from the fast-path flags; a wrong combination for this
-    device is a one-line ValueError, raised before anything loads."""
-    import torch
-
+    device is a one-line ValueError (`AccelOptions` and its `validate`), raised before anything loads."""
     from fluxion.accel import AccelOptions
 
-    attention = getattr(args, "attention", None) or "auto"
     offload = getattr(args, "offload", None) or "none"
-    fp8, compile_, graphs = (bool(getattr(args, k, None)) for k in ("fp8", "compile", "cuda_graphs"))
-    quant = getattr(args, "weight_only", None)
-    cuda = device.type == "cuda"
-    if fp8 and quant:
-        raise ValueError("--fp8 and --quant both quantize the transformer: choose one")
-    if graphs and offload != "none":
-        raise ValueError(
-            "--cuda-graphs needs the weights resident on the GPU: drop --offload or --cuda-graphs"
-        )
-    if not cuda:
-        for flag, on in (
-            ("--fp8", fp8),
-            ("--cuda-graphs", graphs),
-            ("--offload blocks", offload == "blocks"),
-        ):
-            if on:
-                raise ValueError(f"{flag} needs a CUDA GPU (the device is {device}); drop it on this machine")
-        if attention in ("cudnn", "fa3"):
-            raise ValueError(f"--attention {attention} needs a CUDA GPU; use auto or sdpa on {device}")
-    if fp8 and torch.cuda.get_device_capability(device) < (8, 9):
-        raise ValueError("--fp8 needs an fp8-capable GPU (Ada or Hopper, compute capability >= 8.9)")
-    if attention == "fa3":
-        from fluxion.kernels.flash import fa3_available
-
-        if not fa3_available():
-            raise ValueError("--attention fa3 needs FlashAttention-3 (flash_attn_interface) on a Hopper GPU")
-    if (
-        attention == "auto"
-    ):  # SDPA's own pick, except on Hopper where cuDNN attention is ~2x flash (BENCHMARKS.md)
-        attention = "cudnn" if cuda and torch.cuda.get_device_capability(device) >= (9, 0) else "sdpa"
     opts = AccelOptions(
-        attention=attention,
-        compile=compile_,
-        cuda_graphs=graphs,
-        fp8=fp8,
-        weight_only=quant,
+        attention=getattr(args, "attention", None) or "auto",
+        compile=bool(getattr(args, "compile", None)),
+        cuda_graphs=bool(getattr(args, "cuda_graphs", None)),
+        fp8=bool(getattr(args, "fp8", None)),
+        weight_only=getattr(args, "weight_only", None),
         offload="blocks" if offload == "blocks" else None,
         device=str(device),
     )
+    opts.validate(device)
     return (None if opts == AccelOptions(device=str(device)) else opts), offload == "model"
-
-
-def accelerate(models, opts) -> None:
-    """The fast paths of `opts` on loaded `models`, in place: `accel.apply` on the transformer (after any LoRA
-    is merged: quantized layers take no adapters) and, with compile on a GPU, the VAE compiled too.
-
-    TEMPORARY home, until `load_models(..., accel=)` lands (issue 9, loading part); benchmarks/bench_e2e.py
-    calls it so that its `pipeline.generate` rows run exactly what `fluxion generate` runs."""
-    from fluxion.accel import VAEAccelOptions, apply, apply_vae
-
-    if opts.cuda_graphs and models.spec.kv_cache:
-        raise ValueError(f"--cuda-graphs does not cover {models.spec.name}'s KV-cache path yet; drop it")
-    models.transformer = apply(models.transformer, opts).module
-    decoder = getattr(models.vae, "decoder", None)
-    compiled = getattr(decoder, "_compiled_call_impl", None) is not None  # e.g. a second accelerate() call
-    if opts.compile and models.device.type == "cuda" and not compiled:
-        apply_vae(models.vae, VAEAccelOptions(compile=True, compile_backend=opts.compile_backend))
 
 
 def load(args: argparse.Namespace, loras: list[tuple[str, float]] = ()):
@@ -355,6 +306,7 @@ def load(args: argparse.Namespace, loras: list[tuple[str, float]] = ()):
     fast paths on. Options were checked by `preflight` already."""
     import torch
 
+    from fluxion.accel import VAEAccelOptions
     from fluxion.weights.models import load_models
 
     # Our own progress bar is enough; transformers would add one per text-encoder load. It reads this switch
@@ -374,16 +326,13 @@ def load(args: argparse.Namespace, loras: list[tuple[str, float]] = ()):
         device=device,
         dtype=dtype,
         offload=offload_model,
+        accel=opts,
+        # A compiled transformer waits on an eager VAE otherwise (37 vs 87 ms at 1024², BENCHMARKS.md).
+        vae_accel=VAEAccelOptions(compile=True)
+        if opts is not None and opts.compile and device.type == "cuda"
+        else None,
+        loras=loras,
     )
-    if loras:
-        from fluxion.lora import load_lora, merge_lora, remove_lora
-
-        for path, scale in loras:
-            load_lora(models.transformer, path, scale=scale)
-        merge_lora(models.transformer)  # fused into the weights: no per-step cost, and quantization sees them
-        remove_lora(models.transformer, keep_merged=True)
-    if opts is not None:
-        accelerate(models, opts)
     if getattr(args, "prompt_cache", None):
         from fluxion.text.cache import PromptCache
 

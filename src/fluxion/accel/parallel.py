@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fluxion.model.attention import AttentionBackend, get_attention_backend, set_attention_backend
+from fluxion.model.attention import AttentionBackend, get_attention_backend
 from fluxion.model.transformer import Flux2, KVCache
 
 RingKernel = Literal["auto", "flash", "cudnn", "efficient", "cpu", "math"]
@@ -322,14 +322,15 @@ class ParallelFlux2(nn.Module):
         if self.grid.opts.sp == 1:
             yield
             return
-        inner = get_attention_backend()
+        # The model's own kernel (set per model by accel.apply), else the process-wide fallback.
+        inner = self.model.attention_backend or get_attention_backend()
         if inner not in self._backends:
             self._backends[inner] = distributed_attention(self.grid, inner)
-        previous = set_attention_backend(self._backends[inner])
+        previous = self.model.set_attention_backend(self._backends[inner])
         try:
             yield
         finally:
-            set_attention_backend(previous)
+            self.model.set_attention_backend(previous)
 
     def _batch(self, *tensors: Tensor | None) -> list[Tensor | None]:
         C = self.grid.opts.cfg

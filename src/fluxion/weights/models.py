@@ -10,6 +10,7 @@ run on the device, before any weight is read.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -86,6 +87,17 @@ class Models:
 
             return tiled_decode(self.vae, z)
         return self.vae.decode(z)
+
+    def accelerate(self, accel: AccelOptions | None, vae_accel: VAEAccelOptions | None = None) -> None:
+        """Turn on the fast paths on these loaded components, in place (what `load_models(accel=, vae_accel=)`
+        does once the weights are in; benchmarks call it on models built from random weights)."""
+        from fluxion.accel.apply import apply, apply_vae
+
+        if accel is not None:
+            accel.validate(self.device)
+            self.accelerated = apply(self.transformer, accel)
+        if vae_accel is not None:
+            apply_vae(self.vae, vae_accel)
 
     def describe(self) -> str:
         """One line per component: what was loaded and how it runs."""
@@ -186,6 +198,7 @@ def load_models(
     vae_accel: VAEAccelOptions | None = None,
     offload: OffloadMode | bool = "none",
     tile_decode: bool | None = None,
+    loras: Sequence[tuple[str | Path, float]] = (),
 ) -> Models:
     """Load transformer, VAE and text encoder, then turn on the requested fast paths.
 
@@ -197,8 +210,10 @@ def load_models(
     compile, CUDA graphs, block offload); vae_accel: `VAEAccelOptions`. offload: "model" keeps VAE and text
     encoder on the CPU between uses; "blocks" also streams the transformer's blocks from pinned host memory.
     tile_decode: None decodes tiled only when the image would not fit (see `Models.should_tile`).
+    loras: (file, scale) pairs merged into the transformer's weights before the fast paths run (quantized layers
+    take no adapters, and fp8 / int8 then quantize the merged weights: no per-step LoRA cost).
     Bad combinations raise ValueError before any weight is read."""
-    from fluxion.accel.apply import AccelOptions, apply, apply_vae
+    from fluxion.accel.apply import AccelOptions
     from fluxion.text.encoder import load_text_encoder
     from fluxion.weights.load import bundle_components, load_transformer
 
@@ -266,11 +281,15 @@ def load_models(
         text_path, spec.text, device=home, dtype=dtype if device.type == "cuda" else torch.float32
     )
 
-    # 3. the performance layer, from outside the model
-    accelerated = apply(transformer, accel) if accel is not None else None
-    if vae_accel is not None:
-        apply_vae(ae, vae_accel)
-    return Models(
+    if loras:
+        from fluxion.lora import load_lora, merge_lora, remove_lora
+
+        for lora_path, scale in loras:
+            load_lora(transformer, lora_path, scale=scale)
+        merge_lora(transformer)
+        remove_lora(transformer, keep_merged=True)
+
+    models = Models(
         spec=spec,
         transformer=transformer,
         vae=ae,
@@ -278,9 +297,10 @@ def load_models(
         device=device,
         dtype=dtype,
         offload=mode != "none",
-        accelerated=accelerated,
         tile_decode=tile_decode,
     )
+    models.accelerate(accel, vae_accel)  # 3. the performance layer, from outside the model
+    return models
 
 
 def load_vae(path, cfg: VAEConfig, decoder=None, *, device: str | torch.device = "cpu") -> torch.nn.Module:

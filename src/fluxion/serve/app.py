@@ -80,6 +80,7 @@ def _error_response(request: Request, e: ApiError) -> JSONResponse:
             503: "server_error",
             500: "server_error",
         }
+        status = 400 if e.status == 422 else e.status  # OpenAI answers invalid requests with 400
         body = {
             "error": {
                 "message": e.message,
@@ -89,8 +90,8 @@ def _error_response(request: Request, e: ApiError) -> JSONResponse:
             }
         }
     else:
-        body = {"detail": e.message}
-    return JSONResponse(body, status_code=e.status, headers=e.headers)
+        status, body = e.status, {"detail": e.message}
+    return JSONResponse(body, status_code=status, headers=e.headers)
 
 
 def _validation_message(err: ValidationError) -> tuple[str, str | None]:
@@ -708,7 +709,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None) -> FastAPI:
     )
     async def openai_generations(request: Request):
         key = svc.authenticate(request)
-        body = _validate_openai(OpenAIGeneration, await _json_body_openai(request))
+        body = _validate(OpenAIGeneration, await _json_body(request, max_body))
         return await openai_run(request, key, body, svc.model(body.model), [], [], None)
 
     @app.post("/v1/images/edits", tags=["OpenAI"], response_model=OpenAIImagesResponse)
@@ -748,28 +749,8 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None) -> FastAPI:
         fields = {
             k: v for k, v in form.items() if k not in ("image", "image[]", "mask") and isinstance(v, str)
         }
-        body = _validate_openai(OpenAIGeneration, fields)
-        try:
-            return await openai_run(request, key, body, svc.model(body.model), images, opened, mask)
-        except ApiError as e:
-            if e.status == 422:
-                e.status = 400
-            raise
-
-    def _validate_openai(model, data):
-        try:
-            return _validate(model, data)
-        except ApiError as e:
-            e.status = 400  # OpenAI answers invalid requests with 400
-            raise
-
-    async def _json_body_openai(request: Request):
-        try:
-            return await _json_body(request, max_body)
-        except ApiError as e:
-            if e.status == 422:
-                e.status = 400
-            raise
+        body = _validate(OpenAIGeneration, fields)
+        return await openai_run(request, key, body, svc.model(body.model), images, opened, mask)
 
     return app
 

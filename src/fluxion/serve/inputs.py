@@ -95,7 +95,12 @@ def open_image(data: bytes, field: str) -> Image.Image:
             im.load()
     except InputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(
+            f"{field} has far too many pixels; inputs may have at most {MAX_INPUT_PIXELS / 2**20:.0f} MP: downscale it",
+            field,
+        ) from None
+    except UnidentifiedImageError:
         raise InputError(f"{field} is not an image Pillow can read (send PNG, JPEG or WebP)", field) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{field} is damaged or truncated ({e}); send the complete file", field) from None

@@ -362,7 +362,8 @@ def _body_schema(model) -> dict:
     }
 
 
-def create_app(cfg: ServeConfig, store: st.Store | None = None) -> FastAPI:
+def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | None = None) -> FastAPI:
+    """`models`: already loaded `Models` by served name (embedding, benchmarks); None: load per `cfg.models`."""
     svc = Service(cfg, store)
     from fluxion.serve.engine import Metrics
 
@@ -378,7 +379,9 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None) -> FastAPI:
         threads.append(threading.Thread(target=sender.run, args=(stop,), daemon=True, name="webhooks"))
         if cfg.role == "all":
             threads.append(
-                threading.Thread(target=_start_worker, args=(svc, metrics, stop), daemon=True, name="worker")
+                threading.Thread(
+                    target=_start_worker, args=(svc, metrics, stop, models), daemon=True, name="worker"
+                )
             )
         for t in threads:
             t.start()
@@ -780,11 +783,11 @@ def _png(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _start_worker(svc: Service, metrics, stop: threading.Event) -> None:
+def _start_worker(svc: Service, metrics, stop: threading.Event, models: dict | None) -> None:
     from fluxion.serve.engine import Worker, load_served
 
     try:
-        models = load_served(svc.cfg, svc.served)
+        models = models or load_served(svc.cfg, svc.served)
     except Exception:
         log.exception("loading the models failed")
         return

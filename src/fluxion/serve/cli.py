@@ -96,6 +96,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--prices", help='JSON price table {"model": [first_mp, per_mp]} in credits')
     p.add_argument("--blocklist", help="moderation terms, one per line (term<TAB>max_tolerance)")
     p.add_argument("--metrics-port", type=int, help="--role worker: serve Prometheus metrics on this port")
+    p.add_argument("--worker-id", help="this worker's name in the job store (default: host:pid:random)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -142,6 +143,7 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
         prices=a.prices,
         blocklist=a.blocklist,
         metrics_port=a.metrics_port,
+        worker_id=a.worker_id,
     )
 
 

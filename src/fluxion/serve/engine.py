@@ -52,6 +52,11 @@ def load_served(cfg: ServeConfig, served) -> dict[str, Models]:
 
     from fluxion.weights.models import load_models
 
+    for s in served:
+        if s.path is None and s.spec.name != "fluxion-tiny":
+            raise ValueError(
+                f"--model {s.name}: give the checkpoint path (NAME=PATH); only fluxion-tiny is embedded"
+            )
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[cfg.dtype]
     return {

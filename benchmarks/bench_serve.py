@@ -5,6 +5,7 @@ BFL client sees it) at concurrency 1 / 8 / 32.
     python benchmarks/bench_serve.py --gpu              # one GPU: klein-4B real size, random weights (< 8 min)
     python benchmarks/bench_serve.py --gpu --smoke      # the GPU code path at toy sizes on the CPU
 
+Clients wait on each job's event stream (/v1/jobs/ID/events), then download the image.
 GPU mode: a Qwen3-4B-shaped text encoder (random token ids stand in for the tokenizer), the klein-4B transformer
 and the FLUX.2 VAE, all random; 4 steps at 512² and 1024²; the transformer in bf16 and in fp8 (rowwise, eager:
 a server sees several batch sizes, and compiling each would not fit the time budget). For each: the server as
@@ -35,7 +36,8 @@ SRC = str(HERE.parent / "src")
 
 # ---- the client (also run as a subprocess: --client) ----------------------------------------------------------
 def run_clients(url: str, model: str, n: int, concurrency: int, size: int, steps: int, poll_s: float) -> dict:
-    """n BFL submissions from `concurrency` threads, each polling get_result until Ready."""
+    """n BFL submissions from `concurrency` threads, each waiting for Ready: on the job's event stream
+    (poll_s = 0) or by polling get_result every poll_s seconds."""
     import httpx
 
     lat, errors = [], []
@@ -54,11 +56,19 @@ def run_clients(url: str, model: str, n: int, concurrency: int, size: int, steps
                 errors.append(r.text)
                 return
             job_id = r.json()["id"]
-            while True:
-                s = c.get(f"{url}/v1/get_result", params={"id": job_id}).json()
-                if s["status"] != "Pending":
-                    break
-                time.sleep(poll_s)
+            s = None
+            if poll_s > 0:  # BFL-style polling
+                while (s := c.get(f"{url}/v1/get_result", params={"id": job_id}).json())[
+                    "status"
+                ] == "Pending":
+                    time.sleep(poll_s)
+            else:  # the job's event stream: the server pushes the result as soon as it is stored
+                with c.stream("GET", f"{url}/v1/jobs/{job_id}/events") as ev:
+                    for line in ev.iter_lines():
+                        if line.startswith("data: "):
+                            s = json.loads(line[6:])
+                            if s["status"] != "Pending":
+                                break
             if s["status"] != "Ready":
                 errors.append(str(s))
                 return
@@ -160,10 +170,10 @@ def tiny(args, report: Report) -> None:
                 if proc.poll() is not None:
                     raise RuntimeError("server exited")
                 time.sleep(0.3)
-            run_clients(url, "fluxion-tiny", 4, 4, size, steps, 0.02)  # warm-up
+            run_clients(url, "fluxion-tiny", 4, 4, size, steps, 0)  # warm-up
             for c in (1, 8, 32):
                 n = max(args.n_min, 2 * c) if not args.quick else c
-                row = run_clients(url, "fluxion-tiny", n, c, size, steps, 0.02)
+                row = run_clients(url, "fluxion-tiny", n, c, size, steps, 0)
                 report.add({"label": label, "size": size, "steps": steps, **row})
         finally:
             proc.terminate()
@@ -300,7 +310,7 @@ def gpu(args, report: Report) -> None:
                             continue
                         n = c if c == 1 else (2 * c if size <= 512 else max(c, 16))
                         n = max(n, 4)
-                        row = clients_subprocess(srv.url, "flux-2-klein-4b", n, c, size, steps, 0.01)
+                        row = clients_subprocess(srv.url, "flux-2-klein-4b", n, c, size, steps, 0)
                         report.add(
                             {
                                 "label": f"klein-4B {size}² {precision} {label}",

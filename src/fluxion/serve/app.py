@@ -111,6 +111,38 @@ def _validation_message(err: ValidationError) -> tuple[str, str | None]:
     return "; ".join(parts), first
 
 
+class Changes:
+    """Wakes the async waiters of this process (SSE streams, OpenAI requests) when an in-process worker wrote
+    something; waiters also time out and re-read the store, which is how changes made by workers in other
+    processes arrive."""
+
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.waiters: set[asyncio.Future] = set()
+        self.version = 0  # bumped on the loop at each wake; read it before the store, pass it to wait()
+
+    def notify(self) -> None:  # from any thread
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self.version += 1
+        for f in self.waiters:
+            if not f.done():
+                f.set_result(None)
+        self.waiters.clear()
+
+    async def wait(self, timeout: float, seen: int) -> None:
+        if self.version != seen:  # something changed since the caller read the store
+            return
+        f = asyncio.get_running_loop().create_future()
+        self.waiters.add(f)
+        try:
+            await asyncio.wait_for(f, timeout)
+        except asyncio.TimeoutError:
+            self.waiters.discard(f)
+
+
 class Service:
     """State shared by the routes: config, store, served models, signing secret, prices, moderation."""
 
@@ -124,6 +156,9 @@ class Service:
         self.url_secret = self.store.setting("url_secret", st.new_secret).encode()
         self.worker = None
         self.models_loaded = cfg.role == "api"
+        self.changes = Changes()
+        # Waiters re-read the store this often: rarely when the worker is in this process (it wakes them).
+        self.poll_s = 1.0 if cfg.role == "all" else 0.1
 
     # ---- signed sample URLs -----------------------------------------------------------------------------
     def sample_url(self, job_id: str) -> str:
@@ -373,6 +408,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
 
     @asynccontextmanager
     async def lifespan(app):
+        svc.changes.loop = asyncio.get_running_loop()
         from fluxion.serve.webhooks import WebhookSender
 
         sender = WebhookSender(cfg, svc.store, svc.sample_url)
@@ -491,6 +527,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
         async def stream():
             last = None
             while not await request.is_disconnected():
+                seen = svc.changes.version
                 job = await asyncio.to_thread(svc.store.get, job_id)
                 body = svc.result_body(job)
                 if body["status"] != "Pending":
@@ -499,7 +536,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
                 if (body["status"], body["progress"]) != last:
                     last = (body["status"], body["progress"])
                     yield f"event: progress\ndata: {json.dumps(body)}\n\n"
-                await asyncio.sleep(0.1)
+                await svc.changes.wait(svc.poll_s, seen)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -641,6 +678,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
     async def wait_all(request: Request, ids: list[str]) -> dict[str, st.Job]:
         deadline = time.time() + cfg.sync_timeout_s
         while True:
+            seen = svc.changes.version
             jobs = await asyncio.to_thread(svc.store.get_many, ids)
             if all(j.status in st.TERMINAL for j in jobs.values()):
                 return jobs
@@ -654,7 +692,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
                     f"not finished within {cfg.sync_timeout_s:g} s; the jobs keep running",
                     code="timeout",
                 )
-            await asyncio.sleep(0.05)
+            await svc.changes.wait(svc.poll_s, seen)
 
     async def openai_stream(request: Request, ids: list[str], body: OpenAIGeneration, size: str):
         sent: dict[str, int] = {i: 0 for i in ids}
@@ -665,6 +703,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
                 for job_id in pending:
                     await asyncio.to_thread(svc.store.request_cancel, job_id)
                 return
+            seen = svc.changes.version
             jobs = await asyncio.to_thread(svc.store.get_many, list(pending))
             for image_index, job_id in enumerate(ids):
                 if job_id not in pending:
@@ -702,7 +741,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
                         e = job_failure(job)
                         err = {"type": "error", "error": {"message": e.message, "code": e.code}}
                         yield f"event: error\ndata: {json.dumps(err)}\n\n"
-            await asyncio.sleep(0.05)
+            await svc.changes.wait(svc.poll_s, seen)
 
     @app.post(
         "/v1/images/generations",
@@ -791,6 +830,6 @@ def _start_worker(svc: Service, metrics, stop: threading.Event, models: dict | N
     except Exception:
         log.exception("loading the models failed")
         return
-    svc.worker = Worker(svc.cfg, svc.store, models, svc.moderator, metrics)
+    svc.worker = Worker(svc.cfg, svc.store, models, svc.moderator, metrics, on_change=svc.changes.notify)
     svc.models_loaded = True
     svc.worker.run(stop)

@@ -104,6 +104,7 @@ class Worker:
         models: dict[str, Models],
         moderator: Moderator,
         metrics: Metrics,
+        on_change=None,
     ):
         self.cfg, self.store, self.models, self.moderator, self.metrics = (
             cfg,
@@ -114,6 +115,7 @@ class Worker:
         )
         self.id = cfg.worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.alive = False
+        self.on_change = on_change or (lambda: None)  # wakes in-process waiters (SSE, OpenAI) after a write
 
     def run(self, stop: threading.Event) -> None:
         self.alive = True
@@ -165,6 +167,7 @@ class Worker:
                     self.metrics.images.labels(st.ERROR).inc()
         finally:
             done.set()
+            self.on_change()
 
     def _heartbeat(self, token: str, done: threading.Event) -> None:
         while not done.wait(self.cfg.lease_s / 3):
@@ -212,6 +215,7 @@ class Worker:
                 self.store.finish(job_id, token, st.CANCELLED, error="cancelled")
                 active.discard(job_id)
                 log.info("cancelled", extra={"event": "cancelled", "job": job_id, "step": step})
+            self.on_change()
             if not active:
                 raise Cancelled
 
@@ -224,6 +228,7 @@ class Worker:
                     pixels = decode(models, tokens[i : i + 1], h, w)
                     im = pixels_to_pil(pixels)[0]
                     self.store.add_preview(batch[i].id, token, marks.index(step), encode_image(im, "png"))
+                    self.on_change()
 
         t0 = time.time()
         try:
@@ -264,6 +269,7 @@ class Worker:
                 status = st.READY
             if ok:
                 self.metrics.images.labels(status).inc()
+                self.on_change()
             log.info(
                 "job finished",
                 extra={

@@ -198,7 +198,7 @@ def build_models(smoke: bool, device: str):
     qcfg._attn_implementation = "sdpa"
     te_cfg = dataclasses.replace(spec.text, hidden_layers=TAPS, hidden_size=qcfg.hidden_size)
     te_cfg = te_cfg if isinstance(te_cfg, TextEncoderConfig) else spec.text
-    with default_dtype(torch.bfloat16), torch.device(device):
+    with default_dtype(torch.float32 if smoke else torch.bfloat16), torch.device(device):  # CPU bf16 is slow
         hf = Qwen3ForCausalLM(qcfg).eval().requires_grad_(False)
 
     class RandomTokens(TextEncoder):
@@ -441,6 +441,9 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     import torch
+
+    if args.smoke:
+        torch.set_num_threads(1)  # toy sizes: threads only add synchronisation (and spin on a shared CPU)
 
     meta = {"mode": "gpu" if args.gpu else "cpu-tiny", "smoke": args.smoke, "torch": torch.__version__}
     if torch.cuda.is_available():

@@ -161,10 +161,16 @@ class Service:
         self.poll_s = 1.0 if cfg.role == "all" else 0.1
 
     # ---- signed sample URLs -----------------------------------------------------------------------------
-    def sample_url(self, job_id: str) -> str:
+    def base(self, request: Request | None) -> str:
+        """Where clients reach us: --public-url, else the address this request came to."""
+        if self.cfg.public_url or request is None:
+            return self.cfg.base_url
+        return str(request.base_url).rstrip("/")
+
+    def sample_url(self, job_id: str, request: Request | None = None) -> str:
         exp = int(time.time() + self.cfg.result_ttl_s)
         sig = hmac.new(self.url_secret, f"{job_id}:{exp}".encode(), hashlib.sha256).hexdigest()
-        return f"{self.cfg.base_url}/v1/results/{job_id}?exp={exp}&sig={sig}"
+        return f"{self.base(request)}/v1/results/{job_id}?exp={exp}&sig={sig}"
 
     def check_sample(self, job_id: str, exp: int, sig: str) -> bool:
         good = hmac.new(self.url_secret, f"{job_id}:{exp}".encode(), hashlib.sha256).hexdigest()
@@ -334,7 +340,7 @@ class Service:
             return None
         return job
 
-    def result_body(self, job: st.Job) -> dict:
+    def result_body(self, job: st.Job, request: Request | None = None) -> dict:
         status = PUBLIC_STATUS.get(job.status, job.status)
         body = {"id": job.id, "status": status, "result": None, "progress": None, "details": job.details}
         if status == "Pending":
@@ -342,7 +348,7 @@ class Service:
         elif job.status == st.READY:
             body["progress"] = 1.0
             body["result"] = {
-                "sample": self.sample_url(job.id),
+                "sample": self.sample_url(job.id, request),
                 "seed": job.params["seed"],
                 "prompt": job.params["prompt"],
                 "start_time": job.started_at,
@@ -496,7 +502,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
         job = svc.owned(id, key)
         if job is None:
             return JSONResponse({"id": id, "status": "Task not found", "result": None, "progress": None}, 404)
-        return svc.result_body(job)
+        return svc.result_body(job, request)
 
     @app.get("/v1/credits", response_model=Credits, tags=["BFL"])
     def credits(request: Request):
@@ -515,7 +521,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
         key = svc.authenticate(request)
         if svc.owned(job_id, key) is None:
             return JSONResponse({"id": job_id, "status": "Task not found"}, 404)
-        return svc.result_body(svc.store.request_cancel(job_id))
+        return svc.result_body(svc.store.request_cancel(job_id), request)
 
     @app.get("/v1/jobs/{job_id}/events", tags=["beyond BFL"])
     async def events(request: Request, job_id: str):
@@ -529,7 +535,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
             while not await request.is_disconnected():
                 seen = svc.changes.version
                 job = await asyncio.to_thread(svc.store.get, job_id)
-                body = svc.result_body(job)
+                body = svc.result_body(job, request)
                 if body["status"] != "Pending":
                     yield f"event: result\ndata: {json.dumps(body)}\n\n"
                     return
@@ -599,7 +605,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
         [job_id] = await asyncio.to_thread(svc.submit, key, [spec])
         out = {
             "id": job_id,
-            "polling_url": f"{cfg.base_url}/v1/get_result?id={job_id}",
+            "polling_url": f"{svc.base(request)}/v1/get_result?id={job_id}",
             "cost": spec["cost"],
             "input_mp": spec["input_mp"],
             "output_mp": spec["output_mp"],
@@ -656,7 +662,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
             if job.status != st.READY:
                 raise job_failure(job)
             if body.response_format == "url":
-                data.append({"url": svc.sample_url(job_id), "revised_prompt": None})
+                data.append({"url": svc.sample_url(job_id, request), "revised_prompt": None})
             else:
                 row = await asyncio.to_thread(svc.store.result, job_id)
                 data.append({"b64_json": base64.b64encode(row.data).decode(), "revised_prompt": None})

@@ -274,46 +274,46 @@ def gpu(args, report: Report) -> None:
 
     from fluxion.accel import AccelOptions, apply
 
+    deadline = time.time() + args.budget_s  # model building counts too: the whole run stays under budget
     device = "cpu" if args.smoke else "cuda"
     models, hf = build_models(args.smoke, device)
     steps = 4
     sizes = (64, 128) if args.smoke else (512, 1024)
     fast = "math" if args.smoke else "cudnn"
-    deadline = time.time() + args.budget_s
+    compiled = (
+        dict(compile=True, compile_dynamic=None) if args.compile else {}
+    )  # one graph for all batch sizes
 
     def port():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    for precision in ("bf16", "fp8"):
-        if precision == "fp8":
-            if args.smoke:
-                apply(models.transformer, AccelOptions(attention=fast))  # no fp8 kernels on the CPU
-            else:
-                apply(models.transformer, AccelOptions(attention=fast, fp8=True))
-        else:
-            apply(models.transformer, AccelOptions(attention=fast))
+    def server_rows(precision: str) -> None:
         for label, batch, levels in (
-            ("server", args.max_batch, (1, 8, 32)),
+            ("server", args.max_batch, (1, 8) if args.smoke else (1, 8, 32)),
             ("naive server (batch 1)", 1, (1, 8)),
         ):
+            if time.time() > deadline:
+                print(f"budget spent: skipping {precision} {label}")
+                continue
             srv = InProcessServer(models, batch, port())
             try:
                 for size in sizes:
-                    run_clients(
-                        srv.url, "flux-2-klein-4b", min(batch, 8), min(batch, 8), size, steps, 0.01
-                    )  # warm
+                    warm = min(
+                        batch, 8
+                    )  # every batch size up to this compiles / autotunes here, not in a row
+                    run_clients(srv.url, "flux-2-klein-4b", warm, warm, size, steps, 0)
                     for c in levels:
                         if time.time() > deadline:
-                            print(f"budget spent: skipping {precision} {label} {size} c={c}")
+                            print(f"budget spent: skipping {precision} {label} {size}² c={c}")
                             continue
-                        n = c if c == 1 else (2 * c if size <= 512 else max(c, 16))
-                        n = max(n, 4)
+                        n = max(4, c if c == 1 else (2 * c if size <= 512 else max(c, 16)))
                         row = clients_subprocess(srv.url, "flux-2-klein-4b", n, c, size, steps, 0)
+                        label_row = f"klein-4B {size}² {precision} {label}"
                         report.add(
                             {
-                                "label": f"klein-4B {size}² {precision} {label}",
+                                "label": label_row,
                                 "size": size,
                                 "steps": steps,
                                 "precision": precision,
@@ -323,9 +323,19 @@ def gpu(args, report: Report) -> None:
                         )
             finally:
                 srv.stop()
-        if device == "cuda":
-            torch.cuda.synchronize()
+
+    # In order of importance (rows stop at the budget): bf16 server and naive server, diffusers on the same
+    # bf16 weights, then the fp8 transformer (converted in place) through both servers.
+    apply(models.transformer, AccelOptions(attention=fast, **compiled))
+    server_rows("bf16")
     diffusers_loop(args, models, hf, sizes, steps, report, deadline)
+    if args.smoke:
+        apply(models.transformer, AccelOptions(attention=fast))  # no fp8 kernels on the CPU: the path only
+    else:
+        if args.compile:
+            torch._dynamo.reset()
+        apply(models.transformer, AccelOptions(attention=fast, fp8=True, **compiled))
+    server_rows("fp8")
 
 
 def diffusers_loop(args, models, hf, sizes, steps, report, deadline) -> None:
@@ -337,7 +347,6 @@ def diffusers_loop(args, models, hf, sizes, steps, report, deadline) -> None:
         from common import build_diffusers_sharing
         from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
-        from fluxion.accel import AccelOptions, apply
         from fluxion.weights.load import diffusers_vae_config
         from fluxion.weights.vae_mapping import vae_bfl_to_diffusers
     except ImportError as e:
@@ -346,12 +355,10 @@ def diffusers_loop(args, models, hf, sizes, steps, report, deadline) -> None:
     import inspect
 
     device = models.device
-    if not args.smoke:  # back to plain bf16 linears (the fp8 pass replaced them)
-        from common import build_ours
-
-        models.transformer = build_ours(models.spec.transformer, device="cuda")
-    apply(models.transformer, AccelOptions())
-    dm = build_diffusers_sharing(models.transformer).to(device)
+    if time.time() > deadline:
+        print("budget spent: skipping diffusers")
+        return
+    dm = build_diffusers_sharing(models.transformer).to(device)  # same storage: no second copy of the weights
     accepted = inspect.signature(AutoencoderKLFlux2.__init__).parameters
     kw = {k: v for k, v in diffusers_vae_config(models.vae.cfg).items() if k in accepted}
     with torch.device("meta"):
@@ -437,7 +444,10 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--n-min", type=int, default=16, help="CPU: requests per concurrency level (at least)")
-    ap.add_argument("--budget-s", type=float, default=400, help="GPU: stop starting new rows after this")
+    ap.add_argument("--budget-s", type=float, default=380, help="GPU: start no new row after this (s)")
+    ap.add_argument(
+        "--compile", action="store_true", help="GPU: regional compile, dynamic batch (slow start)"
+    )
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     import torch

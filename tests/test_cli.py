@@ -426,7 +426,10 @@ CHECKED_BEFORE_LOADING = {  # (arguments, message); the model does not exist, so
     "output is a folder": ("generate x -o {folder}", "is a folder"),
     "device foo": ("generate x --device foo -o {out}", "unknown device 'foo'"),
     "fp8 on cpu": ("generate x --fp8 --device cpu -o {out}", "fp8 needs a CUDA GPU"),
-    "graphs with offload": ("generate x --cuda-graphs --offload blocks -o {out}", "CUDA graphs need resident weights"),
+    "graphs with offload": (
+        "generate x --cuda-graphs --offload blocks -o {out}",
+        "CUDA graphs need resident weights",
+    ),
     "fp8 and quant": ("generate x --fp8 --quant int8 -o {out}", "choose one"),
     "cudnn on cpu": ("generate x --attention cudnn --device cpu -o {out}", "needs a CUDA GPU"),
     "bad lora scale": ("generate x --lora {file}:inf -o {out}", "finite"),

@@ -972,6 +972,8 @@ def _add(parser: argparse.ArgumentParser, options: list[Option]) -> None:
 
 # --- entry point --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    if (argv := sys.argv[1:] if argv is None else argv)[:1] in (["serve"], ["keys"]):  # fluxion/serve/cli.py
+        return __import__("fluxion.serve.cli").serve.cli.dispatch(argv)
     args = build_parser().parse_args(argv)
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):

@@ -44,6 +44,7 @@ class Request:
     )
     generator_device: str | None = None  # where noise is drawn: cpu or cuda (default: the model's device)
     allow_override: bool = False  # let a distilled model run with another guidance
+    seeds: tuple[int, ...] | None = None  # one explicit seed per image (overrides seed; e.g. a server batch)
 
     def __post_init__(self) -> None:
         from fluxion.images import InputImageError, check_size

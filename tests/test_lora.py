@@ -498,6 +498,9 @@ def test_dora_is_reported_not_applied(small):
     m0, _, canon = small
     sd = lm.to_diffusers({QKV: canon[QKV], "img_in": canon["img_in"]})
     sd["transformer.x_embedder.lora_magnitude_vector"] = torch.ones(D)
+    # DoRA itself is applied now (tests below); a DoRA variant still unsupported (with a LoRA bias) must be
+    # refused as a whole, never applied as a plain LoRA, not even with strict=False.
+    sd["transformer.x_embedder.lora_B.bias"] = torch.ones(D)
     m = copy.deepcopy(m0)
     with pytest.raises(ValueError, match="lora_magnitude_vector"):
         load_lora(m, sd)

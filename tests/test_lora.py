@@ -354,9 +354,18 @@ FAMILIES = {
         },
         "bfl",
     ),
-    "unknown prefix (DiffSynth-like)": (
+    "unknown prefix": (
         lambda c: _rename(lm.to_bfl(c), "diffusion_model.", "pipe.dit."),
         "bfl",
+    ),
+    # DiffSynth-Studio's real layout: PEFT's module state dict of its DiT (diffusers names), `pipe.dit.` removed,
+    # adapter name kept (test_lora_layouts.py has the file written by PEFT itself).
+    "DiffSynth-Studio": (
+        lambda c: {
+            k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+            for k, v in lm.to_diffusers(c, prefix="").items()
+        },
+        "diffsynth",
     ),
     "lycoris lora": (lambda c: _kohya_style(lm.to_diffusers(c, prefix=""), "lycoris_"), "lycoris"),
     "kohya with diffusers names": (

@@ -253,6 +253,7 @@ def test_comfy_diff_set_weight_and_refusals():
         "diffusion_model.double_blocks.0.img_attn.proj.oft_blocks": (torch.zeros(4, 16, 16), "OFT"),
         "lycoris_double_blocks_0_img_mlp_2.a1.weight": (torch.zeros(4, D), "GLoRA"),
         "diffusion_model.single_blocks.0.linear2.lora_mid.weight": (torch.zeros(4, 4, 3, 3), "lora_mid"),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": (torch.zeros(4, 8), "transformer only"),
     }
     for key, (t, what) in refused.items():
         with pytest.raises(ValueError, match=what):

@@ -344,6 +344,8 @@ def _not_applied(where: str, norm: Normalized) -> str:
         text = " ".join(norm.unmatched)
         if re.search(r"img_mod|txt_mod|norm1|proj_mlp|single_blocks[._]\d+[._]modulation", text):
             parts.append("These are FLUX.1 layer names: FLUX.1 LoRAs do not apply to FLUX.2.")
+        if re.search(r"(^|[ ._])(lora_te\d?_|text_encoders?[._]|te\d?\.)", text):
+            parts.append("Text-encoder keys: fluxion applies LoRAs to the transformer only.")
         if re.search(r"guidance_in|guidance_embedder", text):
             parts.append("guidance_in / guidance_embedder keys: this model has no guidance embedder (klein).")
     if norm.unsupported:

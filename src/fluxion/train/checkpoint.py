@@ -92,7 +92,8 @@ def _export(out: Path, model, ema, cfg, rank: int) -> Path | None:
         adapters = {
             n: LowRank(full[f"{n}.lora.default.down"], full[f"{n}.lora.default.up"], alpha) for n in layers
         }
-        return write_lora(adapters, out / "lora.safetensors", metadata={"fluxion_model": cfg.model})
+        meta = {"fluxion_model": cfg.model}
+        return write_lora(adapters, out / "lora.safetensors", format=cfg.lora_format, metadata=meta)
     path = out / "transformer.safetensors"
     tensors = {k: v for k, v in full.items() if ".lora." not in k}
     save_file(

@@ -232,6 +232,21 @@ def test_comfy_spellings_and_prefixes(spelling, prefix):
     assert (norm.adapters[PROJ].delta() - 0.5 * up @ down).abs().max() <= 1e-6
 
 
+def test_comfy_linear1_qkv_rows():
+    """ComfyUI's Flux alias `single_blocks.N.linear1_qkv`: a LoRA on rows [0, 3D) of linear1 (offset (0, 0, 3D))."""
+    m = model(seed=21)
+    linears = {n: x for n, x in m.named_modules() if isinstance(x, torch.nn.Linear)}
+    g = torch.Generator().manual_seed(4)
+    down, up = torch.randn(2, D, generator=g), torch.randn(3 * D, 2, generator=g)
+    x = "diffusion_model.single_blocks.1.linear1_qkv"
+    sd = {f"{x}.lora_down.weight": down, f"{x}.lora_up.weight": up, f"{x}.alpha": torch.tensor(1.0)}
+    norm = lm.to_canonical(sd, linears)
+    delta = norm.adapters["single_blocks.1.linear1"].delta()
+    assert delta.shape == linears["single_blocks.1.linear1"].weight.shape
+    assert (delta[: 3 * D] - 0.5 * up @ down).abs().max() <= 1e-6 and not delta[3 * D :].any()
+    assert lm.to_canonical(sd, list(linears)).unmatched == sorted(sd)  # needs the layer sizes
+
+
 def test_comfy_diff_set_weight_and_refusals():
     base = model(seed=17)
     g = torch.Generator().manual_seed(3)
@@ -253,7 +268,10 @@ def test_comfy_diff_set_weight_and_refusals():
         "diffusion_model.double_blocks.0.img_attn.proj.oft_blocks": (torch.zeros(4, 16, 16), "OFT"),
         "lycoris_double_blocks_0_img_mlp_2.a1.weight": (torch.zeros(4, D), "GLoRA"),
         "diffusion_model.single_blocks.0.linear2.lora_mid.weight": (torch.zeros(4, 4, 3, 3), "lora_mid"),
-        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": (torch.zeros(4, 8), "transformer only"),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": (
+            torch.zeros(4, 8),
+            "transformer only",
+        ),
     }
     for key, (t, what) in refused.items():
         with pytest.raises(ValueError, match=what):

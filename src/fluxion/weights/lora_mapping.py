@@ -178,7 +178,7 @@ def _fill(template: str, index: str | None) -> str:
 
 class _Target(NamedTuple):
     fqn: str  # BFL module the adapter lands on
-    part: int | None  # q/k/v row chunk of a fused qkv, or None for the whole weight
+    part: int | str | None  # q/k/v row chunk of a fused qkv, "head" for the leading rows, None for all
     swap: bool  # rows stored [scale ; shift] (diffusers norm_out) and must be half-swapped
     naming: str  # "bfl" | "diffusers"
 
@@ -206,6 +206,9 @@ def _index(module_names: Iterable[str]) -> dict[str, _Target]:
     index: dict[str, _Target] = {}
     for fqn in module_names:
         entries = [(fqn, None, False, "bfl")] + [(n, p, s, "diffusers") for n, p, s in diffusers_names(fqn)]
+        if _template(fqn)[0] == "single_blocks.{i}.linear1":
+            # ComfyUI's Flux-family alias for the q/k/v rows [0, 3D) of linear1 (comfy/lora.py `linear1_qkv`).
+            entries.append((fqn + "_qkv", "head", False, "bfl"))
         for name, part, swap, naming in entries:
             flat = _flat(name)
             clash = index.get(flat)
@@ -524,14 +527,32 @@ def _fuse_qkv(fqn: str, parts: dict[int, Adapter]) -> Adapter:
     return Decomposed(fused, blocks) if blocks else fused
 
 
+def _pad_rows(adapter: Adapter, out: int) -> Adapter:
+    """An adapter on the leading rows of a layer with `out` rows -> one on the whole layer (zero elsewhere)."""
+    if isinstance(adapter, Decomposed):
+        return Decomposed(_pad_rows(adapter.inner, out), adapter.blocks)
+    if isinstance(adapter, Replace):
+        raise ValueError(
+            "a set_weight replacement of part of a layer cannot be applied; give the whole layer"
+        )
+    full = adapter.up if isinstance(adapter, LowRank) else adapter.diff
+    if full.shape[0] > out:
+        raise ValueError(f"an adapter on the leading {full.shape[0]} rows of a layer with only {out} rows")
+    padded = torch.zeros(out, full.shape[1], dtype=full.dtype, device=full.device)
+    padded[: full.shape[0]] = full
+    return LowRank(adapter.down, padded, adapter.alpha) if isinstance(adapter, LowRank) else FullDiff(padded)
+
+
 def to_canonical(
     state_dict: Mapping[str, Tensor], module_names: Iterable[str], metadata: Mapping[str, Any] | None = None
 ) -> Normalized:
     """Normalise a LoRA / LoKr / LoHa / DoRA / diff state dict of any family to {BFL Linear FQN: adapter}.
 
-    `module_names`: the Linear FQNs of the target model (BFL names). Keys that name none of them, or are
-    not adapter tensors, land in `unmatched`; keys of adapter types we do not apply land in `unsupported`.
+    `module_names`: the Linear FQNs of the target model (BFL names), or {FQN: nn.Linear} (then adapters on part
+    of a layer, ComfyUI's `linear1_qkv`, can be placed). Keys that name none of them, or are not adapter
+    tensors, land in `unmatched`; keys of adapter types we do not apply land in `unsupported`.
     """
+    sizes = {n: m.out_features for n, m in module_names.items()} if isinstance(module_names, Mapping) else {}
     index = _index(module_names)
     peft = _peft_config(metadata)
     groups: dict[str, dict[str, Tensor]] = {}
@@ -567,6 +588,12 @@ def to_canonical(
             reasons[path] = why
             (unsupported if kind == "unsupported" else unmatched).extend(keys_of[path])
             continue
+        if target.part == "head" and target.fqn not in sizes:
+            reasons[path] = (
+                "an adapter on part of a layer needs the model's layer sizes (pass {name: Linear})"
+            )
+            unmatched.extend(keys_of[path])
+            continue
         if adapter.shape[0] % 2 and target.swap:
             raise ValueError(f"{path}: {adapter.shape[0]} rows cannot be the [scale ; shift] halves")
         if target.swap:
@@ -583,7 +610,14 @@ def to_canonical(
         if isinstance(adapter, Decomposed):
             kinds.add("dora")
 
-    adapters = {fqn: parts[None] if None in parts else _fuse_qkv(fqn, parts) for fqn, parts in placed.items()}
+    adapters = {
+        fqn: parts[None]
+        if None in parts
+        else _pad_rows(parts["head"], sizes[fqn])
+        if "head" in parts
+        else _fuse_qkv(fqn, parts)
+        for fqn, parts in placed.items()
+    }
     fmt = "+".join(sorted(namings)) + "".join(f"/{k}" for k in sorted(kinds - {"lora"}))
     return Normalized(adapters, sorted(unmatched), sorted(unsupported), fmt or "unknown", reasons)
 

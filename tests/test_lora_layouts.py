@@ -4,6 +4,7 @@ never against fluxion's own merge. Plus key-set checks at the real klein-4B / de
 stacking rule for DoRA, and fluxion's own file in diffusers' Flux2 pipeline."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -475,3 +476,28 @@ def test_key_sets_at_real_sizes_on_meta(size, layout):
         "peft-dora": "diffusers",
         "lycoris": "lycoris",
     }.get(layout, layout)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_trainer_export_writes_the_layout_others_load(tmp_path):
+    """The trainer's export (train/checkpoint.py) writes `diffusion_model.` + BFL names + lora_A/B, alpha folded:
+    the layout diffusers' converter and ComfyUI read; `lora_format="diffusers"` the PEFT one."""
+    from fluxion.train.checkpoint import _export
+    from fluxion.train.train import TrainConfig
+    from fluxion.weights.safetensors_io import load_safetensors
+
+    m = model(seed=22)
+    cfg = TrainConfig(model="test", data=("d",), out=str(tmp_path), vae="v", lora_rank=4, lora_alpha=2)
+    inject_lora(m, rank=4, alpha=2, targets=list(cfg.lora_targets))
+    randomize_(lora_parameters(m), 0.05)
+    want = forward(m)
+    for fmt, prefix in (("comfy", "diffusion_model."), ("diffusers", "transformer.")):
+        out = tmp_path / fmt
+        path = _export(out, m, None, dataclasses.replace(cfg, lora_format=fmt), rank=0)
+        keys = list(load_safetensors(path))
+        assert all(k.startswith(prefix) and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+        other = model(seed=22)
+        load_lora(other, path)
+        assert (forward(other) - want).abs().max() <= TOL
+    with pytest.raises(ValueError, match="lora_format"):
+        dataclasses.replace(cfg, lora_format="kohya")

@@ -1,11 +1,13 @@
 """LoRA files of every ecosystem family -> one canonical form in BFL module names, and back (user-needs 3).
 
-Canonical form: `{BFL Linear FQN: LowRank | FullDiff}`, where
+Canonical form: `{BFL Linear FQN: LowRank | FullDiff | Decomposed | Replace}`, where
 - `LowRank(down [r, in], up [out, r], alpha)` means ΔW = (alpha / r) · up @ down on the *fused* BFL weight
   (`img_attn.qkv` [3D, D], `linear1` [3D + 2·mlp, D]);
-- `FullDiff(diff [out, in])` is ΔW itself (ComfyUI `.diff` files, and LyCORIS LoKr / LoHa, materialised).
+- `FullDiff(diff [out, in])` is ΔW itself (ComfyUI `.diff` files, and LyCORIS LoKr / LoHa, materialised);
+- `Decomposed` (DoRA) and `Replace` (`.set_weight`) depend on the layer weight and are resolved against it when
+  loaded (`resolve(W)` gives W' - W).
 
-Families read (user-needs 3 A-E), in any mix, told apart per key rather than per file:
+Families read (user-needs 3 A-G), in any mix, told apart per key rather than per file:
 - A  diffusers / PEFT: `transformer.` or `base_model.model.` + diffusers module names + `lora_A/lora_B.weight`;
      separate q/k/v adapters are fused (down = cat(A_q, A_k, A_v), up = block-diag(B_q, B_k, B_v));
      `norm_out.linear` rows are half-swapped back to the BFL [shift ; scale] order (spec 9.2 caveat).

@@ -354,9 +354,18 @@ FAMILIES = {
         },
         "bfl",
     ),
-    "unknown prefix (DiffSynth-like)": (
+    "unknown prefix": (
         lambda c: _rename(lm.to_bfl(c), "diffusion_model.", "pipe.dit."),
         "bfl",
+    ),
+    # DiffSynth-Studio's real layout: PEFT's module state dict of its DiT (diffusers names), `pipe.dit.` removed,
+    # adapter name kept (test_lora_layouts.py has the file written by PEFT itself).
+    "DiffSynth-Studio": (
+        lambda c: {
+            k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+            for k, v in lm.to_diffusers(c, prefix="").items()
+        },
+        "diffsynth",
     ),
     "lycoris lora": (lambda c: _kohya_style(lm.to_diffusers(c, prefix=""), "lycoris_"), "lycoris"),
     "kohya with diffusers names": (
@@ -498,6 +507,9 @@ def test_dora_is_reported_not_applied(small):
     m0, _, canon = small
     sd = lm.to_diffusers({QKV: canon[QKV], "img_in": canon["img_in"]})
     sd["transformer.x_embedder.lora_magnitude_vector"] = torch.ones(D)
+    # DoRA itself is applied now (tests below); a DoRA variant still unsupported (with a LoRA bias) must be
+    # refused as a whole, never applied as a plain LoRA, not even with strict=False.
+    sd["transformer.x_embedder.lora_B.bias"] = torch.ones(D)
     m = copy.deepcopy(m0)
     with pytest.raises(ValueError, match="lora_magnitude_vector"):
         load_lora(m, sd)

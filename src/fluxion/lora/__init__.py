@@ -1,6 +1,7 @@
 """LoRA adapters as module swaps; file formats of every ecosystem are converted in weights/lora_mapping.py."""
 
 from fluxion.lora.lora import (
+    LORA_FILE_FORMATS,
     TARGET_PRESETS,
     LoadReport,
     LoRALinear,
@@ -13,9 +14,11 @@ from fluxion.lora.lora import (
     save_lora,
     set_lora_scale,
     unmerge_lora,
+    write_lora,
 )
 
 __all__ = [
+    "LORA_FILE_FORMATS",
     "TARGET_PRESETS",
     "LoRALinear",
     "LoadReport",
@@ -28,4 +31,5 @@ __all__ = [
     "save_lora",
     "set_lora_scale",
     "unmerge_lora",
+    "write_lora",
 ]

@@ -28,7 +28,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fluxion.weights.lora_mapping import EXPORTERS, Adapter, FullDiff, LowRank, Normalized, to_canonical
+from fluxion.weights.lora_mapping import (
+    EXPORTERS,
+    Adapter,
+    Decomposed,
+    FullDiff,
+    LowRank,
+    Normalized,
+    Replace,
+    to_canonical,
+)
 from fluxion.weights.safetensors_io import load_safetensors, read_header, save_safetensors
 
 # Ready-made `targets` for inject_lora. "diffusers" is the layer set of diffusers' FLUX.2 DreamBooth scripts
@@ -252,10 +261,17 @@ def load_lora(
 ) -> LoadReport:
     """Load a LoRA / LoKr / LoHa / diff of any family (user-needs 3) as a new adapter, weighted by `scale`.
 
-    Several calls stack several adapters. Keys that name no layer, or adapter types we do not apply (DoRA),
-    raise ValueError with strict=True and give a warning plus the LoadReport with strict=False. Adapters whose
-    shapes do not fit the model always raise, naming the layer and both shapes. `metadata` (e.g. diffusers'
-    PEFT config) is read from the file when `source` is a path.
+    Several calls stack several adapters. Keys that name no layer, or adapter types we do not apply (OFT,
+    GLoRA, bias deltas, ...), raise ValueError with strict=True and give a warning plus the LoadReport with
+    strict=False; a module's tensors are applied all together or not at all, so e.g. a DoRA is never applied as
+    a plain LoRA. Adapters whose shapes do not fit the model always raise, naming the layer and both shapes.
+    `metadata` (e.g. diffusers' PEFT config) is read from the file when `source` is a path.
+
+    DoRA (and ComfyUI's set_weight) is merged exactly at load: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ with W the layer's
+    weight as it computes at that moment, i.e. the base plus every adapter loaded before it at its scale then
+    (ComfyUI's rule: patches apply in load order). Adapters loaded later add on top of W'. The result is kept
+    as a full diff ΔW' = W' - W, so `scale` s gives W + s·ΔW' (ComfyUI's strength; PEFT and LyCORIS scale
+    differently away from s = 1), and changing an earlier adapter's scale afterwards does not re-resolve it.
     """
     where = "LoRA state dict"
     if isinstance(source, (str, Path)):
@@ -281,10 +297,25 @@ def load_lora(
         w = layer.weight
         if isinstance(adapter, LowRank):
             module = LowRankAdapter(adapter.down.to(w), adapter.up.to(w), adapter.alpha, scale)
+        elif isinstance(adapter, (Decomposed, Replace)):
+            # DoRA and set_weight depend on the weight they modify: resolved once, here, against the layer as it
+            # computes now (base + the adapters loaded before, at their scales), as ComfyUI applies its patches
+            # in load order. The result is a full diff; `scale` then interpolates W -> W' linearly.
+            module = DiffAdapter(adapter.resolve(_effective_weight(layer)).to(w), scale)
         else:
             module = DiffAdapter(adapter.diff.to(w), scale)
         layer.lora[name] = module.requires_grad_(False).train(layer.training)
     return LoadReport(sorted(norm.adapters), norm.unmatched, norm.format, norm.unsupported, name)
+
+
+@torch.no_grad()
+def _effective_weight(layer: LoRALinear) -> Tensor:
+    """The weight the layer computes with now, fp32: base (with merged adapters) + the unmerged ones."""
+    w = layer.weight.float()
+    for n, adapter in layer.lora.items():
+        if n not in layer.merged:
+            w = w + adapter.delta(adapter.scale).to(w.device)
+    return w
 
 
 def _free_name(model: nn.Module, name: str | None, derived: bool = False) -> str:
@@ -313,6 +344,8 @@ def _not_applied(where: str, norm: Normalized) -> str:
         text = " ".join(norm.unmatched)
         if re.search(r"img_mod|txt_mod|norm1|proj_mlp|single_blocks[._]\d+[._]modulation", text):
             parts.append("These are FLUX.1 layer names: FLUX.1 LoRAs do not apply to FLUX.2.")
+        if re.search(r"(^|[ ._])(lora_te\d?_|text_encoders?[._]|te\d?\.)", text):
+            parts.append("Text-encoder keys: fluxion applies LoRAs to the transformer only.")
         if re.search(r"guidance_in|guidance_embedder", text):
             parts.append("guidance_in / guidance_embedder keys: this model has no guidance embedder (klein).")
     if norm.unsupported:
@@ -332,11 +365,13 @@ def _check_shapes(where: str, adapters: dict[str, Adapter], linears: dict[str, n
         layer = linears[fqn]
         want = (layer.out_features, layer.in_features)
         if tuple(a.shape) != want:
-            factors = (
-                f"lora_down {list(a.down.shape)}, lora_up {list(a.up.shape)}"
-                if isinstance(a, LowRank)
-                else f"diff {list(a.diff.shape)}"
-            )
+            inner = a.inner if isinstance(a, Decomposed) else a
+            if isinstance(inner, LowRank):
+                factors = f"lora_down {list(inner.down.shape)}, lora_up {list(inner.up.shape)}"
+            elif isinstance(inner, Replace):
+                factors = f"set_weight {list(inner.weight.shape)}"
+            else:
+                factors = f"diff {list(inner.diff.shape)}"
             bad.append(
                 f"{fqn}: the adapter is [{a.shape[0]}, {a.shape[1]}] ({factors}), the layer {list(want)}"
             )
@@ -363,6 +398,33 @@ def save_lora(
     save_safetensors(
         tensors, path, metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
     )
+
+
+LORA_FILE_FORMATS = ("comfy", "diffusers")
+
+
+def write_lora(
+    adapters: dict[str, Adapter] | nn.Module,
+    path: str | Path,
+    format: Literal["comfy", "diffusers"] = "comfy",
+    metadata: dict[str, str] | None = None,
+    name: str = "default",
+) -> Path:
+    """Write a LoRA file that the other tools load exactly (the trainer's export).
+
+    "comfy" (default): `diffusion_model.<BFL name>.lora_A/lora_B.weight`, alpha folded into lora_A and no
+    `.alpha` key: ComfyUI reads it natively, diffusers' `Flux2Pipeline.load_lora_weights` through its BFL
+    converter (which refuses `.alpha` keys), ai-toolkit and fluxion as is. "diffusers": `transformer.<diffusers
+    name>` (PEFT layout, fused qkv split exactly into to_q/to_k/to_v), for `load_lora_adapter` / PEFT.
+    `adapters` is {BFL Linear FQN: LowRank | FullDiff} or a model with adapter `name` injected.
+    Written to a temporary file and renamed, so a crash never leaves half a file."""
+    if format not in LORA_FILE_FORMATS:
+        raise ValueError(f"unknown LoRA file format {format!r}; choose from {list(LORA_FILE_FORMATS)}")
+    canonical = _canonical(adapters, name) if isinstance(adapters, nn.Module) else adapters
+    tensors = EXPORTERS["bfl" if format == "comfy" else "diffusers"](canonical)
+    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    save_safetensors(tensors, path, metadata=meta)
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------------------

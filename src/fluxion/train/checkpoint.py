@@ -21,6 +21,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from fluxion.lora.lora import write_lora
+from fluxion.weights.lora_mapping import LowRank
+
 
 def _barrier():
     if dist.is_initialized():
@@ -82,22 +85,17 @@ def _export(out: Path, model, ema, cfg, rank: int) -> Path | None:
     if rank != 0:
         return None
     if cfg.lora_rank:
-        # Adapter parameters are `<layer>.lora.default.{down,up}`; write the BFL/Comfy LoRA layout that
-        # fluxion.lora.load_lora (and ComfyUI) read: `<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha`.
-        path = out / "lora.safetensors"
-        tensors = {}
-        alpha = torch.tensor(float(cfg.lora_alpha or cfg.lora_rank))
-        for k, v in full.items():
-            for part in ("down", "up"):
-                suffix = f".lora.default.{part}"
-                if k.endswith(suffix):
-                    layer = k[: -len(suffix)]
-                    tensors[f"{layer}.lora_{part}.weight"] = v
-                    # One tensor per key: safetensors refuses tensors that share storage.
-                    tensors[f"{layer}.alpha"] = alpha.clone()
-    else:
-        path = out / "transformer.safetensors"
-        tensors = {k: v for k, v in full.items() if ".lora." not in k}
+        # Adapter parameters are `<layer>.lora.default.{down,up}`. Written in the layout ComfyUI, diffusers'
+        # Flux2 pipeline and fluxion all load exactly: `diffusion_model.<layer>.lora_A/B.weight` (lora.write_lora).
+        alpha = float(cfg.lora_alpha or cfg.lora_rank)
+        layers = [k.removesuffix(".lora.default.down") for k in full if k.endswith(".lora.default.down")]
+        adapters = {
+            n: LowRank(full[f"{n}.lora.default.down"], full[f"{n}.lora.default.up"], alpha) for n in layers
+        }
+        meta = {"fluxion_model": cfg.model}
+        return write_lora(adapters, out / "lora.safetensors", format=cfg.lora_format, metadata=meta)
+    path = out / "transformer.safetensors"
+    tensors = {k: v for k, v in full.items() if ".lora." not in k}
     save_file(
         {k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"fluxion_model": cfg.model}
     )

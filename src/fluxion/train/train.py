@@ -67,6 +67,9 @@ class TrainConfig:
     lora_rank: int = 0  # > 0: train a LoRA instead of the full model
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = ("*img_attn.qkv", "*img_attn.proj", "*linear1", "*linear2")
+    lora_format: str = (
+        "comfy"  # layout of the exported lora.safetensors: "comfy" or "diffusers" (lora.write_lora)
+    )
     max_steps_this_run: int = 0  # stop after this many steps (to test resume); 0 = run to `steps`
     # Wall-clock budget for this run in seconds (0: none). The step time is measured over steps 50-100 (after
     # warm-up and compilation) and `steps` is lowered to fit, schedule included. For fixed-length GPU leases.
@@ -77,6 +80,8 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be positive")
         if not 0 <= self.caption_dropout < 1 or not 0 <= self.edit_fraction <= 1:
             raise ValueError("caption_dropout must be in [0, 1) and edit_fraction in [0, 1]")
+        if self.lora_format not in ("comfy", "diffusers"):
+            raise ValueError(f"lora_format must be 'comfy' or 'diffusers', got {self.lora_format!r}")
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

@@ -1,11 +1,13 @@
 """LoRA files of every ecosystem family -> one canonical form in BFL module names, and back (user-needs 3).
 
-Canonical form: `{BFL Linear FQN: LowRank | FullDiff}`, where
+Canonical form: `{BFL Linear FQN: LowRank | FullDiff | Decomposed | Replace}`, where
 - `LowRank(down [r, in], up [out, r], alpha)` means ΔW = (alpha / r) · up @ down on the *fused* BFL weight
   (`img_attn.qkv` [3D, D], `linear1` [3D + 2·mlp, D]);
-- `FullDiff(diff [out, in])` is ΔW itself (ComfyUI `.diff` files, and LyCORIS LoKr / LoHa, materialised).
+- `FullDiff(diff [out, in])` is ΔW itself (ComfyUI `.diff` files, and LyCORIS LoKr / LoHa, materialised);
+- `Decomposed` (DoRA) and `Replace` (`.set_weight`) depend on the layer weight and are resolved against it when
+  loaded (`resolve(W)` gives W' - W).
 
-Families read (user-needs 3 A-E), in any mix, told apart per key rather than per file:
+Families read (user-needs 3 A-G), in any mix, told apart per key rather than per file:
 - A  diffusers / PEFT: `transformer.` or `base_model.model.` + diffusers module names + `lora_A/lora_B.weight`;
      separate q/k/v adapters are fused (down = cat(A_q, A_k, A_v), up = block-diag(B_q, B_k, B_v));
      `norm_out.linear` rows are half-swapped back to the BFL [shift ; scale] order (spec 9.2 caveat).
@@ -13,9 +15,18 @@ Families read (user-needs 3 A-E), in any mix, told apart per key rather than per
 - C  kohya / musubi: `lora_unet_` + BFL names with `_` for `.` (+ `.alpha`).
 - D  diffusers names under `diffusion_model.`, fal's `sformer_blocks.` alias, mixed `_`/`.` separators
      (musubi -> Comfy `img_attn_proj`), LyCORIS `lycoris_` names.
-- E  LoKr (`lokr_w1[_a/_b]`, `lokr_w2[_a/_b]`), LoHa (`hada_w1_a/b`, `hada_w2_a/b`), full diffs (`.diff`).
-Not applied but reported (never dropped in silence): DoRA magnitudes (`dora_scale`, `lora_magnitude_vector`),
-LoRA biases, `diff_b`, the conv-only CP tensors (`lokr_t2`, `hada_t1/t2`), `lora_mid`.
+- E  LoKr (`lokr_w1[_a/_b]`, `lokr_w2[_a/_b]`), LoHa (`hada_w1_a/b`, `hada_w2_a/b`), full diffs (`.diff`),
+     whole replacements (ComfyUI `.set_weight`).
+- F  DiffSynth-Studio: bare diffusers module names with PEFT's adapter name kept (`lora_A.default.weight`).
+- G  DoRA on any of the above: ai-toolkit `.magnitude` [out], PEFT `lora_magnitude_vector` [out], LyCORIS /
+     ComfyUI `.dora_scale` ([out, 1] normalised per output row, or [1, in] per input column), with LoRA, LoKr,
+     LoHa or a full diff as the direction update (see `Decomposed`).
+Every spelling of the two LoRA factors that ComfyUI's loader accepts is read: `lora_A/B.weight`,
+`lora_down/up.weight`, `lora.down/up.weight`, `_lora.down/up.weight`, `lora_linear_layer.down/up.weight`,
+`lora_A/B.<adapter>.weight` (PEFT adapter name kept), bare `lora_A/B` (Mochi-style).
+Not applied but reported by name (never dropped in silence): bias deltas (`diff_b`, `lora_B.bias`: FLUX.2 layers
+have no bias), the conv-only CP tensors (`lokr_t2`, `hada_t1/t2`, `lora_mid`), and the adapter families OFT,
+BOFT, GLoRA, (IA)³ and ComfyUI's `reshape_weight` / `w_norm`.
 
 Module names are resolved against the model's own Linear list, with `.` and `_` treated alike and the longest
 known name that ends the key winning: kohya's `double_blocks_0_img_attn_qkv` cannot be split naively, because
@@ -71,7 +82,65 @@ class FullDiff:
         return self.diff.float()
 
 
-Adapter = LowRank | FullDiff
+@dataclass
+class Block:
+    """DoRA rows [start, stop) of a layer, normalised together: W'[rows] = m ⊙ V / (‖V‖ + eps), V = (W + ΔW)[rows].
+
+    axis "out": one norm per output row (over the input dim), magnitude [stop - start] (PEFT, ai-toolkit,
+    LyCORIS' default wd_on_out=True). axis "in": one norm per input column over these rows, magnitude [in]
+    (LyCORIS wd_on_out=False). eps is what the writing tool adds to the norm (0 for PEFT and ai-toolkit,
+    float32 eps for LyCORIS, which computes the norm in float32)."""
+
+    start: int
+    stop: int
+    magnitude: Tensor
+    axis: str  # "out" | "in"
+    eps: float
+
+
+@dataclass
+class Decomposed:
+    """DoRA: the direction update `inner` (ΔW, any adapter kind) plus magnitudes for row blocks. It depends on
+    the layer weight W, so it is resolved against that weight when loaded (`resolve`): rows in a block become
+    m ⊙ (W + ΔW) / ‖W + ΔW‖, rows in no block (the plain-LoRA q/k/v parts of a fused qkv) become W + ΔW."""
+
+    inner: LowRank | FullDiff
+    blocks: list[Block]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.inner.shape
+
+    def resolve(self, weight: Tensor) -> Tensor:
+        """W' - W in fp32 for the layer weight W [out, in]."""
+        w = weight.float()
+        v = w + self.inner.delta().to(w.device)
+        new = v.clone()
+        for b in self.blocks:
+            rows = v[b.start : b.stop]
+            m = b.magnitude.float().to(w.device)
+            if b.axis == "out":
+                new[b.start : b.stop] = rows * (m.reshape(-1, 1) / (rows.norm(dim=1, keepdim=True) + b.eps))
+            else:
+                new[b.start : b.stop] = rows * (m.reshape(1, -1) / (rows.norm(dim=0, keepdim=True) + b.eps))
+        return new - w
+
+
+@dataclass
+class Replace:
+    """ComfyUI `.set_weight`: the layer weight is replaced whole; ΔW = new - W, resolved against W at load."""
+
+    weight: Tensor  # [out, in]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def resolve(self, weight: Tensor) -> Tensor:
+        return self.weight.float().to(weight.device) - weight.float()
+
+
+Adapter = LowRank | FullDiff | Decomposed | Replace
 
 
 @dataclass
@@ -111,7 +180,7 @@ def _fill(template: str, index: str | None) -> str:
 
 class _Target(NamedTuple):
     fqn: str  # BFL module the adapter lands on
-    part: int | None  # q/k/v row chunk of a fused qkv, or None for the whole weight
+    part: int | str | None  # q/k/v row chunk of a fused qkv, "head" for the leading rows, None for all
     swap: bool  # rows stored [scale ; shift] (diffusers norm_out) and must be half-swapped
     naming: str  # "bfl" | "diffusers"
 
@@ -139,6 +208,9 @@ def _index(module_names: Iterable[str]) -> dict[str, _Target]:
     index: dict[str, _Target] = {}
     for fqn in module_names:
         entries = [(fqn, None, False, "bfl")] + [(n, p, s, "diffusers") for n, p, s in diffusers_names(fqn)]
+        if _template(fqn)[0] == "single_blocks.{i}.linear1":
+            # ComfyUI's Flux-family alias for the q/k/v rows [0, 3D) of linear1 (comfy/lora.py `linear1_qkv`).
+            entries.append((fqn + "_qkv", "head", False, "bfl"))
         for name, part, swap, naming in entries:
             flat = _flat(name)
             clash = index.get(flat)
@@ -150,45 +222,89 @@ def _index(module_names: Iterable[str]) -> dict[str, _Target]:
 # ---------------------------------------------------------------------------------------------------------
 # Reading
 
-# Parameter suffixes, longest first so that e.g. `lokr_w1_a` is not read as `lokr_w1`.
+# Every spelling of a parameter -> its role. The two LoRA factors are spelled as ComfyUI's loader accepts them
+# (comfy/weight_adapter/lora.py); "down" is A [r, in], "up" is B [out, r].
 _LORA_PARAMS = {
     "lora_A.weight": "down",
-    "lora_down.weight": "down",
     "lora_B.weight": "up",
+    "lora_down.weight": "down",
     "lora_up.weight": "up",
+    "lora.down.weight": "down",  # diffusers' older attention-processor LoRAs; also `<x>_lora.down.weight`
+    "lora.up.weight": "up",
+    "lora_linear_layer.down.weight": "down",  # transformers-style LoRACompatibleLinear
+    "lora_linear_layer.up.weight": "up",
+    "lora_A": "down",  # Mochi-style, without `.weight`
+    "lora_B": "up",
     "alpha": "alpha",
+}
+# PEFT's raw module state dict keeps the adapter name: `lora_A.default.weight` (DiffSynth-Studio files).
+_PEFT_NAMED = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([A-Za-z0-9_-]+)\.weight$")
+_PEFT_ROLES = {"lora_A": "down", "lora_B": "up", "lora_magnitude_vector": "magnitude:peft"}
+# DoRA magnitudes, by the tool that writes each spelling (the norm eps and axis rule differ, see Block).
+_MAGNITUDE_PARAMS = {
+    "magnitude": "magnitude:ai-toolkit",
+    "lora_magnitude_vector": "magnitude:peft",
+    "lora_magnitude_vector.weight": "magnitude:peft",
+    "dora_scale": "magnitude:lycoris",
 }
 _DELTA_PARAMS = {
     "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
     "diff": ("diff",),
+    "replace": ("set_weight",),
 }
-_UNSUPPORTED_PARAMS = (
-    "dora_scale",
-    "lora_magnitude_vector",
-    "lora_magnitude_vector.weight",
-    "lora_A.bias",
-    "lora_B.bias",
-    "lora_mid.weight",
-    "lokr_t2",
-    "hada_t1",
-    "hada_t2",
-    "diff_b",
-)
-_ALL_PARAMS = sorted(
-    [*_LORA_PARAMS, *(p for ps in _DELTA_PARAMS.values() for p in ps), *_UNSUPPORTED_PARAMS],
-    key=len,
-    reverse=True,
-)
+# Parameters of adapter types not applied, with the name of what they are (for the error message).
+_UNSUPPORTED_PARAMS = {
+    "lora_A.bias": "LoRA bias (PEFT lora_bias)",
+    "lora_B.bias": "LoRA bias (PEFT lora_bias)",
+    "lora_up.bias": "LoRA bias",
+    "diff_b": "bias delta (.diff_b)",
+    "lora_mid.weight": "LoCon conv Tucker factor (lora_mid)",
+    "lokr_t2": "LoKr conv Tucker factor (lokr_t2)",
+    "hada_t1": "LoHa conv Tucker factor (hada_t1)",
+    "hada_t2": "LoHa conv Tucker factor (hada_t2)",
+    "reshape_weight": "ComfyUI reshape_weight (weight padding)",
+    "w_norm": "norm-layer diff (w_norm)",
+    "b_norm": "norm-layer diff (b_norm)",
+    "oft_blocks": "OFT (oft_blocks)",
+    "oft_diag": "OFT (oft_diag)",
+    "rescale": "OFT / BOFT rescale",
+    "oft_R.weight": "OFT (PEFT oft_R)",
+    "oft_r": "OFT (oft_r)",
+    "boft_R": "BOFT (boft_R)",
+    "boft_s": "BOFT (boft_s)",
+    "a1.weight": "GLoRA (a1/a2/b1/b2)",
+    "a2.weight": "GLoRA (a1/a2/b1/b2)",
+    "b1.weight": "GLoRA (a1/a2/b1/b2)",
+    "b2.weight": "GLoRA (a1/a2/b1/b2)",
+    "ia3_l": "(IA)³ (ia3_l)",
+    "ia3_l.weight": "(IA)³ (ia3_l)",
+}
+_BIAS_PARAMS = ("lora_A.bias", "lora_B.bias", "lora_up.bias", "diff_b")
+_ROLES = {
+    **_LORA_PARAMS,
+    **_MAGNITUDE_PARAMS,
+    **{p: p for ps in _DELTA_PARAMS.values() for p in ps},
+    **{p: p for p in _UNSUPPORTED_PARAMS},
+}
+# Longest first so that e.g. `lokr_w1_a` is not read as `lokr_w1`, `lora_A.weight` not as `lora_A`.
+_ALL_PARAMS = sorted(_ROLES, key=len, reverse=True)
+_UNDERSCORE_OK = ("lora.down.weight", "lora.up.weight")  # ComfyUI's `<x>_lora.up.weight` spelling
 _KOHYA_PREFIXES = ("lora_unet", "lora_transformer")
 _FAL_ALIAS = re.compile(r"(^|_)sformer_blocks_")  # fal's truncated `transformer_blocks.` (diffusers#13484)
+_EPS32 = float(torch.finfo(torch.float32).eps)
 
 
-def _split_key(key: str) -> tuple[str, str] | None:
-    """`a.b.lora_A.weight` -> (`a.b`, `lora_A.weight`)."""
+def _split_key(key: str) -> tuple[str, str, bool] | None:
+    """`a.b.lora_A.weight` -> (`a.b`, "down", named) where `named` says PEFT's adapter name was kept."""
+    m = _PEFT_NAMED.search(key)
+    if m is not None:
+        return key[: m.start()], _PEFT_ROLES[m.group(1)], True
     for param in _ALL_PARAMS:
-        if key.endswith("." + param):
-            return key[: -len(param) - 1], param
+        if key.endswith(param) and len(key) > len(param):
+            sep = key[-len(param) - 1]
+            if sep == "." or (sep == "_" and param in _UNDERSCORE_OK):
+                return key[: -len(param) - 1], _ROLES[param], False
     return None
 
 
@@ -271,22 +387,55 @@ def _complete(kind: str, params: set[str]) -> bool:
     return set(_DELTA_PARAMS[kind]) <= params
 
 
+def _magnitude_block(path: str, source: str, m: Tensor, shape: tuple[int, int]) -> Block:
+    """The DoRA block of a whole layer [out, in] from a magnitude tensor, its axis told by its shape."""
+    out, inp = shape
+    dims = tuple(m.shape)
+    if dims in ((out,), (out, 1)):
+        axis = "out"
+    elif dims == (1, inp) and source == "lycoris":
+        axis = "in"
+    else:
+        raise ValueError(
+            f"{path}: the DoRA magnitude is {list(dims)}, which fits neither the output rows [{out}] nor (LyCORIS "
+            f"wd_on_out=False) the input columns [1, {inp}] of this [{out}, {inp}] adapter"
+        )
+    # LyCORIS (and ComfyUI) add float32 eps to the norm; PEFT and ai-toolkit add nothing.
+    return Block(0, out, m.reshape(-1), axis, _EPS32 if source == "lycoris" else 0.0)
+
+
 def _group_adapter(
     path: str, params: dict[str, Tensor], peft: dict[str, Any]
 ) -> tuple[str, Adapter | None, str]:
     """(kind, adapter or None, why not) for the tensors of one module of the file."""
-    if any(p in _UNSUPPORTED_PARAMS for p in params):
-        found = sorted(p for p in params if p in _UNSUPPORTED_PARAMS)
-        return "unsupported", None, f"unsupported adapter parameters {found}"
+    magnitudes = [p for p in params if p.startswith("magnitude:")]
+    dora = "DoRA with " if magnitudes else ""
+    found = sorted({_UNSUPPORTED_PARAMS[p] for p in params if p in _UNSUPPORTED_PARAMS})
+    if found:
+        why = f"unsupported adapter parameters: {dora}{', '.join(found)}"
+        if any(p in _BIAS_PARAMS for p in params):
+            why += " (FLUX.2 layers have no bias: this file was made for another model)"
+        return "unsupported", None, why
+    if len(magnitudes) > 1:
+        return "unsupported", None, f"two DoRA magnitudes {sorted(magnitudes)}"
+    magnitude = (magnitudes[0].split(":")[1], params.pop(magnitudes[0])) if magnitudes else None
     alpha = params.pop("alpha", None)
     kinds = {k for k, names in _DELTA_PARAMS.items() if any(p in names for p in params)}
-    kinds |= {"lora"} if any(p in _LORA_PARAMS for p in params) else set()
+    kinds |= {"lora"} if any(p in ("down", "up") for p in params) else set()
     if len(kinds) > 1:
         return "unsupported", None, f"mixes adapter types {sorted(kinds)}"
     kind = kinds.pop() if kinds else "lora"
-    lora = {_LORA_PARAMS[p]: t for p, t in params.items() if p in _LORA_PARAMS}
+    lora = {p: t for p, t in params.items() if p in ("down", "up")}
     if not _complete(kind, set(lora) if kind == "lora" else set(params)):
-        return kind, None, f"incomplete {kind} adapter (has only {sorted(params) or ['alpha']})"
+        have = (
+            sorted(params) + (["alpha"] if alpha is not None else []) + (["magnitude"] if magnitude else [])
+        )
+        # An incomplete DoRA is reported as an unapplied DoRA, never half-applied as something else.
+        return (
+            ("unsupported" if magnitude else kind),
+            None,
+            f"incomplete {dora}{kind} adapter (has only {have})",
+        )
     if kind == "lora":
         down, up = lora["down"], lora["up"]
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
@@ -294,27 +443,54 @@ def _group_adapter(
                 f"{path}: lora_down {list(down.shape)} and lora_up {list(up.shape)} do not form a "
                 "[r, in] / [out, r] pair (conv LoRAs and mismatched ranks are not FLUX.2 LoRAs)"
             )
-        return kind, LowRank(down, up, _lora_alpha(path, down.shape[0], alpha, peft)), ""
-    if kind == "lokr":
-        return kind, FullDiff(lokr_delta(params, alpha)), ""
-    if kind == "loha":
-        return kind, FullDiff(loha_delta(params, alpha)), ""
-    return kind, FullDiff(params["diff"]), ""
+        adapter: Adapter = LowRank(down, up, _lora_alpha(path, down.shape[0], alpha, peft))
+    elif kind == "lokr":
+        adapter = FullDiff(lokr_delta(params, alpha))
+    elif kind == "loha":
+        adapter = FullDiff(loha_delta(params, alpha))
+    elif kind == "diff":
+        adapter = FullDiff(params["diff"])
+    else:
+        if magnitude:
+            return (
+                "unsupported",
+                None,
+                "DoRA with a set_weight replacement: not a DoRA layout any tool writes",
+            )
+        return kind, Replace(params["set_weight"]), ""
+    if magnitude:
+        block = _magnitude_block(path, magnitude[0], magnitude[1], adapter.shape)
+        return kind, Decomposed(adapter, [block]), ""
+    return kind, adapter, ""
 
 
-def _fuse_qkv(fqn: str, parts: dict[int, Adapter]) -> Adapter:
+def _swapped(adapter: Adapter) -> Adapter:
+    """The adapter with its output rows half-swapped (diffusers' norm_out [scale ; shift] -> BFL [shift ; scale])."""
+    if isinstance(adapter, LowRank):
+        return LowRank(adapter.down, swap_halves(adapter.up), adapter.alpha)
+    if isinstance(adapter, FullDiff):
+        return FullDiff(swap_halves(adapter.diff))
+    if isinstance(adapter, Replace):
+        return Replace(swap_halves(adapter.weight))
+    # A DoRA on the whole layer: output-row magnitudes move with their rows; input-column norms span all rows
+    # and do not change under a row permutation.
+    blocks = [
+        Block(b.start, b.stop, swap_halves(b.magnitude) if b.axis == "out" else b.magnitude, b.axis, b.eps)
+        for b in adapter.blocks
+    ]
+    return Decomposed(_swapped(adapter.inner), blocks)
+
+
+def _fuse_inner(fqn: str, parts: dict[int, LowRank | FullDiff], D: int) -> LowRank | FullDiff:
     """Separate q/k/v adapters -> one adapter on the fused [3D, D] weight; missing parts are zero blocks.
 
     Low rank stays low rank: down = cat(A_q, A_k, A_v) [Σr, D], up = block-diag(B_q, B_k, B_v) [3D, Σr].
     Per-part scales alpha_p / r_p are kept in alpha when they agree, else folded into the up blocks."""
-    outs = {a.shape[0] for a in parts.values()}
-    if len(outs) != 1:
-        raise ValueError(f"{fqn}: the q/k/v adapters have different output sizes {sorted(outs)}")
-    D = outs.pop()
     order = sorted(parts)
+    first = parts[order[0]]
     if not all(isinstance(parts[p], LowRank) for p in order):
-        first = next(iter(parts.values()))
-        diff = torch.zeros(3 * D, first.shape[1], dtype=torch.float32)
+        device = first.up.device if isinstance(first, LowRank) else first.diff.device
+        diff = torch.zeros(3 * D, first.shape[1], dtype=torch.float32, device=device)
         for p in order:
             diff[p * D : (p + 1) * D] = parts[p].delta()
         return FullDiff(diff)
@@ -322,7 +498,7 @@ def _fuse_qkv(fqn: str, parts: dict[int, Adapter]) -> Adapter:
     scales = [a.alpha / a.rank for a in loras]
     same = all(s == scales[0] for s in scales)
     total = sum(a.rank for a in loras)
-    up = torch.zeros(3 * D, total, dtype=loras[0].up.dtype)
+    up = torch.zeros(3 * D, total, dtype=loras[0].up.dtype, device=loras[0].up.device)
     col = 0
     for p, a, s in zip(order, loras, scales):
         up[p * D : (p + 1) * D, col : col + a.rank] = a.up if same else a.up * s
@@ -331,26 +507,72 @@ def _fuse_qkv(fqn: str, parts: dict[int, Adapter]) -> Adapter:
     return LowRank(down, up, scales[0] * total if same else float(total))
 
 
+def _fuse_qkv(fqn: str, parts: dict[int, Adapter]) -> Adapter:
+    """Separate q/k/v adapters -> one on the fused qkv. DoRA parts keep their own row blocks, shifted to the
+    part's rows (a per-output-row magnitude is simply concatenated; a per-input-column one stays per part)."""
+    outs = {a.shape[0] for a in parts.values()}
+    if len(outs) != 1:
+        raise ValueError(f"{fqn}: the q/k/v adapters have different output sizes {sorted(outs)}")
+    D = outs.pop()
+    if any(isinstance(a, Replace) for a in parts.values()):
+        raise ValueError(
+            f"{fqn}: a set_weight replacement of one q/k/v part cannot be fused; give the whole qkv"
+        )
+    inner = {p: a.inner if isinstance(a, Decomposed) else a for p, a in parts.items()}
+    fused = _fuse_inner(fqn, inner, D)
+    blocks = [
+        Block(b.start + p * D, b.stop + p * D, b.magnitude, b.axis, b.eps)
+        for p, a in sorted(parts.items())
+        if isinstance(a, Decomposed)
+        for b in a.blocks
+    ]
+    return Decomposed(fused, blocks) if blocks else fused
+
+
+def _pad_rows(adapter: Adapter, out: int) -> Adapter:
+    """An adapter on the leading rows of a layer with `out` rows -> one on the whole layer (zero elsewhere)."""
+    if isinstance(adapter, Decomposed):
+        return Decomposed(_pad_rows(adapter.inner, out), adapter.blocks)
+    if isinstance(adapter, Replace):
+        raise ValueError(
+            "a set_weight replacement of part of a layer cannot be applied; give the whole layer"
+        )
+    full = adapter.up if isinstance(adapter, LowRank) else adapter.diff
+    if full.shape[0] > out:
+        raise ValueError(f"an adapter on the leading {full.shape[0]} rows of a layer with only {out} rows")
+    padded = torch.zeros(out, full.shape[1], dtype=full.dtype, device=full.device)
+    padded[: full.shape[0]] = full
+    return LowRank(adapter.down, padded, adapter.alpha) if isinstance(adapter, LowRank) else FullDiff(padded)
+
+
 def to_canonical(
     state_dict: Mapping[str, Tensor], module_names: Iterable[str], metadata: Mapping[str, Any] | None = None
 ) -> Normalized:
-    """Normalise a LoRA / LoKr / LoHa / diff state dict of any family to {BFL Linear FQN: adapter}.
+    """Normalise a LoRA / LoKr / LoHa / DoRA / diff state dict of any family to {BFL Linear FQN: adapter}.
 
-    `module_names`: the Linear FQNs of the target model (BFL names). Keys that name none of them, or are
-    not adapter tensors, land in `unmatched`; keys of adapter types we do not apply land in `unsupported`.
+    `module_names`: the Linear FQNs of the target model (BFL names), or {FQN: nn.Linear} (then adapters on part
+    of a layer, ComfyUI's `linear1_qkv`, can be placed). Keys that name none of them, or are not adapter
+    tensors, land in `unmatched`; keys of adapter types we do not apply land in `unsupported`.
     """
+    sizes = {n: m.out_features for n, m in module_names.items()} if isinstance(module_names, Mapping) else {}
     index = _index(module_names)
     peft = _peft_config(metadata)
     groups: dict[str, dict[str, Tensor]] = {}
     keys_of: dict[str, list[str]] = {}
+    named: set[str] = set()
     unmatched: list[str] = []
     for key, value in state_dict.items():
         split = _split_key(key)
         if split is None:
             unmatched.append(key)
             continue
-        groups.setdefault(split[0], {})[split[1]] = value
-        keys_of.setdefault(split[0], []).append(key)
+        path, role, peft_named = split
+        if role in groups.setdefault(path, {}):
+            raise ValueError(f"{key}: a second {role!r} tensor for {path} (two spellings of one parameter)")
+        groups[path][role] = value
+        keys_of.setdefault(path, []).append(key)
+        if peft_named:
+            named.add(path)
 
     unsupported: list[str] = []
     reasons: dict[str, str] = {}
@@ -368,22 +590,36 @@ def to_canonical(
             reasons[path] = why
             (unsupported if kind == "unsupported" else unmatched).extend(keys_of[path])
             continue
+        if target.part == "head" and target.fqn not in sizes:
+            reasons[path] = (
+                "an adapter on part of a layer needs the model's layer sizes (pass {name: Linear})"
+            )
+            unmatched.extend(keys_of[path])
+            continue
         if adapter.shape[0] % 2 and target.swap:
             raise ValueError(f"{path}: {adapter.shape[0]} rows cannot be the [scale ; shift] halves")
         if target.swap:
-            adapter = (
-                LowRank(adapter.down, swap_halves(adapter.up), adapter.alpha)
-                if isinstance(adapter, LowRank)
-                else FullDiff(swap_halves(adapter.diff))
-            )
+            adapter = _swapped(adapter)
         parts = placed.setdefault(target.fqn, {})
         if target.part in parts or None in parts or (target.part is None and parts):
             raise ValueError(f"{path}: a second adapter for {target.fqn} in the same file (ambiguous)")
         parts[target.part] = adapter
-        namings.add(_naming(prefix, target))
+        naming = _naming(prefix, target)
+        if naming == "diffusers" and path in named and not prefix:
+            naming = "diffsynth"  # bare diffusers names + PEFT adapter name: what DiffSynth-Studio saves
+        namings.add(naming)
         kinds.add(kind)
+        if isinstance(adapter, Decomposed):
+            kinds.add("dora")
 
-    adapters = {fqn: parts[None] if None in parts else _fuse_qkv(fqn, parts) for fqn, parts in placed.items()}
+    adapters = {
+        fqn: parts[None]
+        if None in parts
+        else _pad_rows(parts["head"], sizes[fqn])
+        if "head" in parts
+        else _fuse_qkv(fqn, parts)
+        for fqn, parts in placed.items()
+    }
     fmt = "+".join(sorted(namings)) + "".join(f"/{k}" for k in sorted(kinds - {"lora"}))
     return Normalized(adapters, sorted(unmatched), sorted(unsupported), fmt or "unknown", reasons)
 

@@ -29,6 +29,7 @@ from fluxion.editing.references import (
 from fluxion.request import ProgressFn, Request, Result
 from fluxion.sampling.denoise import Conditioning, Guidance, denoise_steps
 from fluxion.sampling.ids import image_ids, pack, reference_ids, text_ids, unpack
+from fluxion.sampling.preview import denoised_estimate
 from fluxion.sampling.schedule import get_schedule
 from fluxion.weights.models import Models
 
@@ -198,16 +199,16 @@ def generate(
 
 def _run(models, x, x_ids, cond, timesteps, guidance, progress, preview, h, w, after_step=None) -> Tensor:
     total, t0 = len(timesteps) - 1, time.perf_counter()
-    out = x
+    out = prev = x
     for i, out in denoise_steps(models.transformer, x, x_ids, cond, timesteps, guidance, after_step):
         if models.device.type == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()
         if progress:
             progress(i + 1, total, now - t0)
-        if preview:
-            preview(i + 1, total, out, h, w)
-        t0 = now
+        if preview:  # gets the denoised estimate x0 [B, h*w, 128], not the noisy state (sampling/preview.py)
+            preview(i + 1, total, denoised_estimate(prev, out, timesteps[i], timesteps[i + 1]), h, w)
+        prev, t0 = out, now
     return out
 
 

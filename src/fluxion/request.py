@@ -25,6 +25,7 @@ class Request:
     references: tuple[Image.Image, ...] = ()
     generator_device: str | None = None  # where the noise is drawn; None: the model device (as BFL does)
     allow_override: bool = False  # let a distilled model run with other than its fixed guidance
+    seeds: tuple[int, ...] | None = None  # one explicit seed per image (overrides seed; e.g. a server batch)
 
 
 @dataclass

@@ -68,6 +68,10 @@ def _prompts(request: Request) -> list[str]:
 
 def _seeds(request: Request, batch: int) -> list[int]:
     """Image i of each prompt uses seed + i; a missing seed is drawn (and reported in the results)."""
+    if request.seeds is not None:  # explicit per-image seeds (a batch of unrelated jobs)
+        if len(request.seeds) != batch:
+            raise ValueError(f"{len(request.seeds)} seeds given for a batch of {batch} images")
+        return list(request.seeds)
     seed = request.seed if request.seed is not None else random.randrange(2**32)
     return [seed + i for i in range(request.num_images)] * (batch // request.num_images)
 

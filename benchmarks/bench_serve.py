@@ -1,0 +1,444 @@
+"""`fluxion serve` under load: images per minute and latency percentiles (submit -> Ready seen by polling, as a
+BFL client sees it) at concurrency 1 / 8 / 32.
+
+    python benchmarks/bench_serve.py                    # CPU: fluxion-tiny through a real `fluxion serve` process
+    python benchmarks/bench_serve.py --gpu              # one GPU: klein-4B real size, random weights (< 8 min)
+    python benchmarks/bench_serve.py --gpu --smoke      # the GPU code path at toy sizes on the CPU
+
+GPU mode: a Qwen3-4B-shaped text encoder (random token ids stand in for the tokenizer), the klein-4B transformer
+and the FLUX.2 VAE, all random; 4 steps at 512² and 1024²; the transformer in bf16 and in fp8 (rowwise, eager:
+a server sees several batch sizes, and compiling each would not fit the time budget). For each: the server as
+built (jobs of one shape batched, up to --max-batch) and the naive server (the same server, batch 1, one request
+at a time), then diffusers' Flux2KleinPipeline called in a loop on the same weights. The server runs in this
+process (models built once); the clients run in a subprocess so their work does not share this GIL.
+Writes OUT/bench_serve.json (OUT: --out, default bench_out/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SRC = str(HERE.parent / "src")
+
+
+# ---- the client (also run as a subprocess: --client) ----------------------------------------------------------
+def run_clients(url: str, model: str, n: int, concurrency: int, size: int, steps: int, poll_s: float) -> dict:
+    """n BFL submissions from `concurrency` threads, each polling get_result until Ready."""
+    import httpx
+
+    lat, errors = [], []
+
+    def one(i: int):
+        with httpx.Client(timeout=600) as c:
+            t0 = time.perf_counter()
+            body = {"prompt": f"bench prompt {i}", "seed": i, "width": size, "height": size, "steps": steps}
+            body["output_format"] = "jpeg"
+            while True:
+                r = c.post(f"{url}/v1/{model}", json=body)
+                if r.status_code not in (429, 503):
+                    break
+                time.sleep(0.05)
+            if r.status_code != 200:
+                errors.append(r.text)
+                return
+            job_id = r.json()["id"]
+            while True:
+                s = c.get(f"{url}/v1/get_result", params={"id": job_id}).json()
+                if s["status"] != "Pending":
+                    break
+                time.sleep(poll_s)
+            if s["status"] != "Ready":
+                errors.append(str(s))
+                return
+            c.get(
+                s["result"]["sample"]
+            ).raise_for_status()  # the client downloads its image, as a real one does
+            lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(n)))
+    wall = time.perf_counter() - t0
+    lat.sort()
+
+    def pct(p):
+        return lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))] if lat else None
+
+    return {
+        "n": n,
+        "concurrency": concurrency,
+        "ok": len(lat),
+        "errors": errors[:3],
+        "wall_s": wall,
+        "images_per_min": 60 * len(lat) / wall,
+        "p50_s": pct(50),
+        "p95_s": pct(95),
+        "p99_s": pct(99),
+        "mean_s": statistics.fmean(lat) if lat else None,
+    }
+
+
+def clients_subprocess(url, model, n, concurrency, size, steps, poll_s) -> dict:
+    cmd = [sys.executable, __file__, "--client", url, model, str(n), str(concurrency), str(size), str(steps)]
+    out = subprocess.run(
+        [*cmd, str(poll_s)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC}
+    )
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def show(row: dict) -> None:
+    p = {
+        k: (f"{row[k]:.3f}" if isinstance(row.get(k), float) else row.get(k))
+        for k in ("p50_s", "p95_s", "p99_s")
+    }
+    print(
+        f"{row['label']:<44} c={row['concurrency']:<3} n={row['n']:<4} {row['images_per_min']:8.1f} img/min   "
+        f"p50 {p['p50_s']}  p95 {p['p95_s']}  p99 {p['p99_s']}  errors {len(row['errors'])}",
+        flush=True,
+    )
+
+
+class Report:
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.data = path, {"meta": meta, "rows": []}
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, row: dict) -> None:
+        self.data["rows"].append(row)
+        show(row)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+# ---- CPU: fluxion-tiny through `fluxion serve` ---------------------------------------------------------------------
+def tiny(args, report: Report) -> None:
+    import socket
+
+    import httpx
+
+    size, steps = 64, 2
+    for label, batch in (("fluxion-tiny, batched", 16), ("fluxion-tiny, naive (batch 1)", 1)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        d = tempfile.mkdtemp(prefix="bench-serve-")
+        cmd = [
+            sys.executable,
+            "-m",
+            "fluxion.cli",
+            "serve",
+            "--db",
+            f"sqlite:///{d}/jobs.db",
+            "--port",
+            str(port),
+        ]
+        cmd += ["--auth", "off", "--max-batch", str(batch), "--key-limit", "100000", "--log-level", "warning"]
+        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": SRC}, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            while True:
+                try:
+                    if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None:
+                    raise RuntimeError("server exited")
+                time.sleep(0.3)
+            run_clients(url, "fluxion-tiny", 4, 4, size, steps, 0.02)  # warm-up
+            for c in (1, 8, 32):
+                n = max(args.n_min, 2 * c) if not args.quick else c
+                row = run_clients(url, "fluxion-tiny", n, c, size, steps, 0.02)
+                report.add({"label": label, "size": size, "steps": steps, **row})
+        finally:
+            proc.terminate()
+            proc.wait()
+
+
+# ---- GPU: klein-4B real size, random weights, server in this process -----------------------------------------------
+def build_models(smoke: bool, device: str):
+    import torch
+    from bench_e2e import TAPS, qwen3_config
+    from common import build_ours, default_dtype, small_cfg
+    from transformers import Qwen3ForCausalLM
+
+    from fluxion.config import DEBUG_VAE, FLUX2_AE, PRESETS, TextEncoderConfig
+    from fluxion.text.encoder import TextEncoder
+    from fluxion.vae.autoencoder import AutoEncoder
+    from fluxion.weights.models import Models
+
+    spec = PRESETS["flux2-klein-4b"]
+    tcfg = small_cfg(spec.transformer) if smoke else spec.transformer
+    qcfg = qwen3_config(smoke)
+    qcfg._attn_implementation = "sdpa"
+    te_cfg = dataclasses.replace(spec.text, hidden_layers=TAPS, hidden_size=qcfg.hidden_size)
+    te_cfg = te_cfg if isinstance(te_cfg, TextEncoderConfig) else spec.text
+    with default_dtype(torch.bfloat16), torch.device(device):
+        hf = Qwen3ForCausalLM(qcfg).eval().requires_grad_(False)
+
+    class RandomTokens(TextEncoder):
+        """The real-size encoder on token ids drawn from the prompt (no tokenizer offline)."""
+
+        def tokenize(self, prompts):
+            ids = []
+            for p in prompts:
+                g = torch.Generator().manual_seed(abs(hash(p)) % 2**31)
+                ids.append(torch.randint(0, qcfg.vocab_size, (te_cfg.max_length,), generator=g))
+            ids = torch.stack(ids)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+        def encode(self, prompts, *, dtype=torch.bfloat16):
+            return self.encode_tokens(self.tokenize(list(prompts)), dtype=dtype)
+
+    te = RandomTokens(hf, tokenizer=None, cfg=te_cfg)
+    model = build_ours(tcfg, device=device, dtype=torch.bfloat16 if not smoke else torch.float32)
+    with torch.device(device):
+        vae = AutoEncoder(DEBUG_VAE if smoke else FLUX2_AE).eval().requires_grad_(False)
+    vae.bn.running_mean.zero_()
+    vae.bn.running_var.fill_(1.0)
+    vae_cfg = DEBUG_VAE if smoke else FLUX2_AE
+    spec = dataclasses.replace(spec, transformer=tcfg, vae=vae_cfg, text=te_cfg)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    return Models(
+        spec=spec, transformer=model, vae=vae, text=te, device=torch.device(device), dtype=dtype
+    ), hf
+
+
+class InProcessServer:
+    def __init__(self, models, max_batch: int, port: int):
+        import uvicorn
+
+        from fluxion.serve.app import create_app
+        from fluxion.serve.config import ServeConfig
+
+        self.dir = tempfile.mkdtemp(prefix="bench-serve-")
+        cfg = ServeConfig(
+            models=(("flux-2-klein-4b", None),),
+            preset="flux2-klein-4b",
+            db=f"sqlite:///{self.dir}/jobs.db",
+            port=port,
+            auth="off",
+            key_limit=100_000,
+            max_batch=max_batch,
+            poll_s=0.005,
+        )
+        app = create_app(cfg, models={"flux-2-klein-4b": models})
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{port}"
+        import httpx
+
+        while True:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def gpu(args, report: Report) -> None:
+    import socket
+
+    import torch
+
+    from fluxion.accel import AccelOptions, apply
+
+    device = "cpu" if args.smoke else "cuda"
+    models, hf = build_models(args.smoke, device)
+    steps = 4
+    sizes = (64, 128) if args.smoke else (512, 1024)
+    fast = "math" if args.smoke else "cudnn"
+    deadline = time.time() + args.budget_s
+
+    def port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    for precision in ("bf16", "fp8"):
+        if precision == "fp8":
+            if args.smoke:
+                apply(models.transformer, AccelOptions(attention=fast))  # no fp8 kernels on the CPU
+            else:
+                apply(models.transformer, AccelOptions(attention=fast, fp8=True))
+        else:
+            apply(models.transformer, AccelOptions(attention=fast))
+        for label, batch, levels in (
+            ("server", args.max_batch, (1, 8, 32)),
+            ("naive server (batch 1)", 1, (1, 8)),
+        ):
+            srv = InProcessServer(models, batch, port())
+            try:
+                for size in sizes:
+                    run_clients(
+                        srv.url, "flux-2-klein-4b", min(batch, 8), min(batch, 8), size, steps, 0.01
+                    )  # warm
+                    for c in levels:
+                        if time.time() > deadline:
+                            print(f"budget spent: skipping {precision} {label} {size} c={c}")
+                            continue
+                        n = c if c == 1 else (2 * c if size <= 512 else max(c, 16))
+                        n = max(n, 4)
+                        row = clients_subprocess(srv.url, "flux-2-klein-4b", n, c, size, steps, 0.01)
+                        report.add(
+                            {
+                                "label": f"klein-4B {size}² {precision} {label}",
+                                "size": size,
+                                "steps": steps,
+                                "precision": precision,
+                                "max_batch": batch,
+                                **row,
+                            }
+                        )
+            finally:
+                srv.stop()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    diffusers_loop(args, models, hf, sizes, steps, report, deadline)
+
+
+def diffusers_loop(args, models, hf, sizes, steps, report, deadline) -> None:
+    """diffusers' Flux2KleinPipeline on the same weights (bf16, eager), one image per call; the text encoder runs
+    all 36 layers as diffusers does (token ids instead of a tokenizer)."""
+    import torch
+
+    try:
+        from common import build_diffusers_sharing
+        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+        from fluxion.accel import AccelOptions, apply
+        from fluxion.weights.load import diffusers_vae_config
+        from fluxion.weights.vae_mapping import vae_bfl_to_diffusers
+    except ImportError as e:
+        print(f"diffusers loop skipped: {e}")
+        return
+    import inspect
+
+    device = models.device
+    if not args.smoke:  # back to plain bf16 linears (the fp8 pass replaced them)
+        from common import build_ours
+
+        models.transformer = build_ours(models.spec.transformer, device="cuda")
+    apply(models.transformer, AccelOptions())
+    dm = build_diffusers_sharing(models.transformer).to(device)
+    accepted = inspect.signature(AutoencoderKLFlux2.__init__).parameters
+    kw = {k: v for k, v in diffusers_vae_config(models.vae.cfg).items() if k in accepted}
+    with torch.device("meta"):
+        dv = AutoencoderKLFlux2(**kw)
+    dv.load_state_dict(vae_bfl_to_diffusers(models.vae.state_dict()), strict=True, assign=True)
+    dv = dv.to(device).eval()
+    sched = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
+    )
+    pipe = Flux2KleinPipeline(
+        scheduler=sched, vae=dv, text_encoder=hf, tokenizer=None, transformer=dm, is_distilled=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    te = models.text
+
+    def one(i, size):
+        ids = te.tokenize([f"bench prompt {i}"])
+        ids = {k: v.to(device) for k, v in ids.items()}
+        hs = hf(**ids, output_hidden_states=True, use_cache=False).hidden_states  # all layers, as diffusers
+        L = ids["input_ids"].shape[1]
+        emb = torch.stack([hs[k] for k in te.cfg.hidden_layers], 1).permute(0, 2, 1, 3).reshape(1, L, -1)
+        emb = emb[..., : models.spec.transformer.context_in_dim]
+        g = torch.Generator(device).manual_seed(i)
+        pipe(
+            prompt_embeds=emb.to(models.dtype),
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            generator=g,
+            output_type="pil",
+        )
+
+    with torch.no_grad():
+        for size in sizes:
+            if time.time() > deadline:
+                print(f"budget spent: skipping diffusers {size}")
+                continue
+            one(0, size)  # warm
+            n, lat = 4 if args.smoke else 12, []
+            t0 = time.perf_counter()
+            for i in range(n):
+                t = time.perf_counter()
+                one(i + 1, size)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                lat.append(time.perf_counter() - t)
+            wall = time.perf_counter() - t0
+            lat.sort()
+            report.add(
+                {
+                    "label": f"klein-4B {size}² bf16 diffusers pipeline loop",
+                    "size": size,
+                    "steps": steps,
+                    "n": n,
+                    "concurrency": 1,
+                    "ok": n,
+                    "errors": [],
+                    "wall_s": wall,
+                    "images_per_min": 60 * n / wall,
+                    "p50_s": lat[n // 2],
+                    "p95_s": lat[-1],
+                    "p99_s": lat[-1],
+                }
+            )
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        url, model, n, c, size, steps, poll = sys.argv[2:9]
+        print(json.dumps(run_clients(url, model, int(n), int(c), int(size), int(steps), float(poll))))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gpu", action="store_true", help="klein-4B real size on one GPU")
+    ap.add_argument("--smoke", action="store_true", help="with --gpu: the same code at toy sizes on the CPU")
+    ap.add_argument("--quick", action="store_true", help="CPU: one round per concurrency level")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--n-min", type=int, default=16, help="CPU: requests per concurrency level (at least)")
+    ap.add_argument("--budget-s", type=float, default=400, help="GPU: stop starting new rows after this")
+    args = ap.parse_args()
+    sys.path.insert(0, str(HERE))
+    import torch
+
+    meta = {"mode": "gpu" if args.gpu else "cpu-tiny", "smoke": args.smoke, "torch": torch.__version__}
+    if torch.cuda.is_available():
+        meta["device"] = torch.cuda.get_device_name()
+    report = Report(Path(args.out) / "bench_serve.json", meta)
+    (gpu if args.gpu else tiny)(args, report)
+    print(f"wrote {report.path}")
+
+
+if __name__ == "__main__":
+    main()

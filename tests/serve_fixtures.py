@@ -119,12 +119,15 @@ def submit_many(
     return accepted, failed[0]
 
 
-def wait_terminal(url: str, ids: list[str], timeout: float, headers=None) -> dict[str, dict]:
-    """Poll get_result until every id is in a terminal status; returns id -> body."""
+def wait_terminal(url: str, ids: list[str], timeout: float, headers=None, procs=()) -> dict[str, dict]:
+    """Poll get_result until every id is in a terminal status; returns id -> body. Fails at once if one of
+    `procs` (servers, workers) exits."""
     out, deadline = {}, time.time() + timeout
     todo = list(ids)
     with httpx.Client(timeout=30) as c:
         while todo and time.time() < deadline:
+            for p in procs:
+                assert p.p.poll() is None, f"a server process exited:\n{p.tail()}"
             rest = []
             for job_id in todo:
                 try:

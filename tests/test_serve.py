@@ -317,3 +317,13 @@ def test_store_claim_is_exclusive_and_leases_requeue(tmp_path):
     assert store.finish(ids[0], t3, st.READY, image=b"y", media_type="image/png", seed=1, worker="w3")
     assert not store.finish(ids[0], t3, st.READY, image=b"z", media_type="image/png", seed=1, worker="w3")
     assert store.result(ids[0]).data == b"y"
+
+
+def test_serve_cli_bad_flags_one_line(capsys):
+    from fluxion.cli import main
+
+    assert main(["serve", "--max-batch", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "fluxion serve: error: --max-batch must be at least 1, got 0"
+    assert main(["serve", "--model", "klein=/nonexistent/folder", "--role", "api"]) == 2
+    assert "/nonexistent/folder" in capsys.readouterr().err

@@ -276,7 +276,7 @@ def run_load_with_kill(tmp_path, n: int, concurrency: int = 32):
             lambda i: {**FAST, "prompt": f"retry {i}", "seed": 10_000 + i},
         )
         assert failed == 0
-        done = wait_terminal(srv2.url, accepted + more, timeout=900)
+        done = wait_terminal(srv2.url, accepted + more, timeout=900, procs=[srv2])
         assert all(b["status"] == "Ready" for b in done.values())
         jobs = check_exactly_once(db, accepted + more)
         assert any(j.attempts >= 2 for j in jobs.values()), (

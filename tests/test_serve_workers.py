@@ -60,7 +60,7 @@ def run_two_workers_kill_one(tmp_path, db_url: str, n: int = 80):
         assert killed, "the doomed worker never held a job:\n" + w1.tail()
         accepted = result["accepted"]
         assert result["failed"] == 0 and len(accepted) == n
-        done = wait_terminal(api.url, accepted, timeout=900)
+        done = wait_terminal(api.url, accepted, timeout=900, procs=[api, w2])
         assert all(b["status"] == "Ready" for b in done.values()), {b["status"] for b in done.values()}
         with store.engine.begin() as c:
             jobs = {r.id: r for r in c.execute(sa.select(st.jobs)).all()}

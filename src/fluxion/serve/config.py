@@ -72,9 +72,13 @@ def served_models(cfg: ServeConfig) -> list[Served]:
 
     out = []
     for name, path in cfg.models:
-        spec = (
-            get_preset("fluxion-tiny") if path in (None, "fluxion-tiny") else resolve_preset(path, cfg.preset)
-        )
+        if path in (
+            None,
+            "fluxion-tiny",
+        ):  # the embedded model (or, with preset, models handed to create_app)
+            spec = get_preset(cfg.preset or "fluxion-tiny")
+        else:
+            spec = resolve_preset(path, cfg.preset)
         alias = BFL_ENDPOINTS.get(spec.name)
         out.append(Served(name, path, spec, (alias,) if alias and alias != name else ()))
     seen: dict[str, str] = {}

@@ -122,15 +122,24 @@ class Worker:
             while not stop.is_set():
                 now = time.time()
                 if now - last_reap > min(self.cfg.lease_s / 3, 5.0):
-                    n = self.store.reap(self.cfg.max_attempts)
+                    try:
+                        n = self.store.reap(self.cfg.max_attempts)
+                    except Exception:
+                        n = 0
+                        log.warning("reap failed", exc_info=True)
                     if n:
                         log.info(
                             "requeued %d jobs of stopped workers", n, extra={"event": "reap", "count": n}
                         )
                     last_reap = now
-                token, batch = self.store.claim(
-                    self.id, list(self.models), self.cfg.max_batch, self.cfg.lease_s
-                )
+                try:
+                    token, batch = self.store.claim(
+                        self.id, list(self.models), self.cfg.max_batch, self.cfg.lease_s
+                    )
+                except Exception:  # the store is unreachable for a moment: wait, never die
+                    log.warning("claim failed; retrying in 1 s", exc_info=True)
+                    stop.wait(1.0)
+                    continue
                 if not batch:
                     stop.wait(self.cfg.poll_s)
                     continue

@@ -182,7 +182,21 @@ class Store:
                 cur.close()
         else:
             self.engine = sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
-        _retry(lambda: meta.create_all(self.engine))
+        self._create_tables()
+
+    def _create_tables(self) -> None:
+        """Create missing tables; several processes starting at once may race (one wins, the rest see its
+        tables on the next try)."""
+        from sqlalchemy.exc import DBAPIError
+
+        for attempt in range(10):
+            try:
+                meta.create_all(self.engine)
+                return
+            except (OperationalError, IntegrityError, DBAPIError):
+                if attempt == 9:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
 
     # ---- settings -------------------------------------------------------------------------------------------
     def setting(self, name: str, make) -> str:
@@ -346,6 +360,14 @@ class Store:
     def claim(self, worker: str, models: list[str], max_batch: int, lease_s: float) -> tuple[str, list[Job]]:
         """Take the oldest queued job of a served model and up to max_batch - 1 more with the same batch key.
         Returns (claim token, jobs); no jobs when the queue is empty."""
+        with self.engine.begin() as c:  # a read first: an idle worker polling must not take the write lock
+            if (
+                c.execute(
+                    sa.select(jobs.c.seq).where(jobs.c.status == QUEUED, jobs.c.model.in_(models)).limit(1)
+                ).first()
+                is None
+            ):
+                return "", []
         token = str(uuid.uuid4())
         now = time.time()
         values = dict(

@@ -225,6 +225,7 @@ def inpaint(
     strength: float = 0.8,
     composite: bool = True,
     progress: ProgressFn | None = None,
+    preview=None,
 ) -> list[Result]:
     """Repaint the white part of `mask` in `image` (klein inpaint behaviour, spec 7.4).
 
@@ -291,7 +292,7 @@ def inpaint(
         timesteps,
         guidance,
         progress,
-        None,
+        preview,
         h,
         w,
         keep_source,

@@ -86,7 +86,8 @@ def load_models(
 ) -> Models:
     """Load transformer, VAE and text encoder. `model`: None or "fluxion-tiny" for the embedded model, a
     diffusers model folder (transformer/, vae/, text_encoder/, tokenizer/), or a BFL transformer file (then
-    `vae` (ae.safetensors) and `text` (a text-encoder folder) are needed too)."""
+    `vae` (ae.safetensors) and `text` (a text-encoder folder) are needed too). `text` may also be the http(s) URL
+    of a remote text encoder (text/remote.py)."""
     from pathlib import Path
 
     from fluxion.config import get_preset
@@ -127,9 +128,15 @@ def load_models(
     home = torch.device("cpu") if offload else device
     transformer = load_transformer(tr_path, spec.transformer, dtype=dtype, device=device)
     ae = load_autoencoder(vae_path, spec.vae, dtype=torch.float32, device=home)
-    encoder = load_text_encoder(
-        text_path, spec.text, device=home, dtype=dtype if device.type == "cuda" else torch.float32
-    )
+    if isinstance(text, str) and text.startswith(("http://", "https://")):
+        # A text encoder served by another process (`fluxion serve --role text-encoder`): nothing loaded here.
+        from fluxion.text.remote import RemoteTextEncoder
+
+        encoder = RemoteTextEncoder(text, spec.text)
+    else:
+        encoder = load_text_encoder(
+            text_path, spec.text, device=home, dtype=dtype if device.type == "cuda" else torch.float32
+        )
     return Models(
         spec=spec, transformer=transformer, vae=ae, text=encoder, device=device, dtype=dtype, offload=offload
     )

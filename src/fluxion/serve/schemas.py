@@ -95,7 +95,10 @@ class AsyncWebhookResponse(BaseModel):
 class SampleResult(BaseModel):
     sample: str = Field(description="signed URL of the image; expires (BFL: 10 minutes)")
     seed: int
-    prompt: str
+    prompt: str = Field(description="the prompt the image was made from (after upsampling, if asked for)")
+    prompt_original: str | None = Field(
+        None, description="the caller's prompt, when prompt_upsampling rewrote it"
+    )
     start_time: float | None
     end_time: float | None
     duration: float | None

@@ -175,14 +175,55 @@ def note_model(params: dict, models, source: str) -> None:
         )
 
 
-def save_all(results, output: str | Path, out: TextIO | None = None) -> list[Path]:
+def save_all(results, output: str | Path, out: TextIO | None = None, watermark: bool = True) -> list[Path]:
     from fluxion.metadata import save_png
 
     paths = output_paths(output, len(results))
     for result, path in zip(results, paths):
-        save_png(result, path)
+        save_png(result, path, watermark=watermark)
         print(f"{path}  seed {result.seed}", file=out or sys.stdout)
     return paths
+
+
+def terminal_preview(args: argparse.Namespace, models):
+    """--preview: per-step thumbnails (the fitted latent -> RGB map on the x0 estimate) drawn in place on stderr
+    (kitty / iTerm2 / sixel images, coloured blocks elsewhere); None without the flag."""
+    if not getattr(args, "preview", False):
+        return None
+    from fluxion.sampling.preview import preview_map_for_models
+    from fluxion.termimage import TerminalPreview
+
+    pmap, term = preview_map_for_models(models, args.model), TerminalPreview(sys.stderr)
+
+    def show(step: int, total: int, x0, h: int, w: int) -> None:
+        term.show(pmap.image(x0, h, w, scale=4), caption=f"step {step}/{total}")
+
+    return show
+
+
+def upsample(args: argparse.Namespace, request, models, references=()):
+    """--upsample-prompt FOLDER: rewrite each prompt with a local chat LLM; both prompts are printed and the
+    original is kept in the PNG (prompt_original)."""
+    folder = getattr(args, "upsample_prompt", None)
+    if not folder:
+        return request, None
+    from fluxion.text.upsample import PromptUpsampler
+
+    up = PromptUpsampler(folder, device=models.device)
+    prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+    done = [up(p, list(references)) for p in prompts]
+    for d in done:
+        print(f"upsampled prompt: {d.prompt!r} (from {d.original!r})", file=sys.stderr)
+    new = [d.prompt for d in done]
+    originals = {d.prompt: d.original for d in done}
+    return replace(request, prompt=new[0] if isinstance(request.prompt, str) else new), originals
+
+
+def finish(results, originals):
+    if originals:
+        for r in results:
+            r.params["prompt_original"] = originals.get(r.params["prompt"], r.params["prompt"])
+    return results
 
 
 # --- subcommands ----------------------------------------------------------------------------------------------------
@@ -193,8 +234,28 @@ def generate_main(args: argparse.Namespace) -> int:
     request, params = build_request(args, args.prompt)
     models = load(args)
     note_model(params, models, args.from_image)
-    save_all(generate(models, request, progress=progress_bar()), args.output)
+    request, originals = upsample(args, request, models)
+    results = generate(models, request, progress=progress_bar(), preview=terminal_preview(args, models))
+    save_all(finish(results, originals), args.output, watermark=not args.no_watermark)
     return 0
+
+
+def verify_main(args: argparse.Namespace) -> int:
+    """Exit 0 when the fluxion watermark or a C2PA manifest is found, 1 when neither is."""
+    from fluxion.provenance import verify
+
+    report = verify(args.image)
+    mark = report["watermark"]
+    found = "found" if mark["found"] else "not found"
+    print(f"{report['file']}")
+    print(f"  watermark: {found} ({mark['matching_bits']}/{mark['of']} bits match)")
+    c = report["c2pa"]
+    if c is None:
+        print("  c2pa: no manifest")
+    else:
+        print(f"  c2pa: {', '.join(c['actions'])} by {', '.join(c['claim_generator'])}; model {c['model']}")
+        print(f"  c2pa signer: {c['signer']}; validation: {c['validation_state']}")
+    return 0 if mark["found"] or c is not None else 1
 
 
 def edit_main(args: argparse.Namespace) -> int:
@@ -208,7 +269,9 @@ def edit_main(args: argparse.Namespace) -> int:
         request = replace(request, width=width, height=height)
     models = load(args)
     note_model(params, models, args.from_image)
-    save_all(generate(models, request, progress=progress_bar()), args.output)
+    request, originals = upsample(args, request, models, refs)
+    results = generate(models, request, progress=progress_bar(), preview=terminal_preview(args, models))
+    save_all(finish(results, originals), args.output, watermark=not args.no_watermark)
     return 0
 
 
@@ -223,9 +286,16 @@ def inpaint_main(args: argparse.Namespace) -> int:
     note_model(params, models, args.from_image)
     strength = args.strength if args.strength is not None else params.get("strength", 0.8)
     results = inpaint(
-        models, request, source, mask, strength, composite=not args.no_composite, progress=progress_bar()
+        models,
+        request,
+        source,
+        mask,
+        strength,
+        composite=not args.no_composite,
+        progress=progress_bar(),
+        preview=terminal_preview(args, models),
     )
-    save_all(results, args.output)
+    save_all(results, args.output, watermark=not args.no_watermark)
     return 0
 
 
@@ -325,6 +395,7 @@ REPL_HELP = """\
   !load PATH           add an image file as the next $N
   !seed N|random       a fixed seed for what follows, or random again (the seed used is always printed)
   !size WxH   !steps N|auto   !guidance G|auto   !show (current settings)
+  !view [$N]           draw the last image (or $N) in the terminal (kitty / iTerm2 / sixel / colour blocks)
   !help   !quit (or Ctrl-D)"""
 _SIZE = re.compile(r"(\d+)x(\d+)")
 
@@ -388,6 +459,18 @@ def run_repl(models, inp: TextIO, out: TextIO, outdir: Path, settings: dict) -> 
                 settings["steps"] = _number(rest, int, "!steps")
             elif cmd == "!guidance":
                 settings["guidance"] = _number(rest, float, "!guidance")
+            elif cmd == "!view":
+                from fluxion.termimage import TerminalPreview
+
+                if not images:
+                    raise ValueError("no image yet")
+                token = rest or "$"
+                index = len(images) if token == "$" else int(token[1:]) if token[1:].isdigit() else 0
+                if not 1 <= index <= len(images):
+                    raise ValueError(f"no image {token} (there are {len(images)})")
+                TerminalPreview(out).show(
+                    load_image(images[index - 1]), caption=f"${index} {images[index - 1]}"
+                )
             elif cmd == "!load":
                 load_image(rest)
                 images.append(Path(rest))
@@ -419,7 +502,7 @@ def run_repl(models, inp: TextIO, out: TextIO, outdir: Path, settings: dict) -> 
                 )
                 start = time.perf_counter()
                 result = generate(models, request, progress=progress_bar())[0]
-                path = save_png(result, outdir / f"image-{len(images) + 1:04d}.png")
+                path = save_png(result, outdir / f"image-{len(images) + 1:04d}.png", watermark=True)
                 images.append(path)
                 w, h = result.image.size
                 took = time.perf_counter() - start
@@ -446,7 +529,11 @@ MODEL = [
     ),
     opt("--preset", help="the model variant, when the files cannot tell (e.g. flux2-klein-base-4b)"),
     opt("--vae", help="autoencoder (ae.safetensors or a diffusers vae/ folder) for a single-file --model"),
-    opt("--text", help="text-encoder folder (text_encoder/ + tokenizer/) for a single-file --model"),
+    opt(
+        "--text",
+        help="text-encoder folder (text_encoder/ + tokenizer/) for a single-file --model, or the http(s) URL "
+        "of a `fluxion serve --role text-encoder`",
+    ),
     opt("--device", help="cuda, cuda:1, cpu, mps (default: cuda when available)"),
     opt("--dtype", choices=sorted(DTYPES), help="transformer dtype (default: bf16 on GPU, fp32 on CPU)"),
     opt("--offload", action="store_true", help="keep components on the CPU until they run"),
@@ -478,6 +565,15 @@ OUTPUT = opt(
     help="output PNG; more images: OUT-1.png, OUT-2.png, ... (prompts x -n)",
 )
 PROMPTS = opt("prompt", nargs="*", help="prompt(s); several prompts make a batch")
+STUDIO = [
+    opt("--no-watermark", action="store_true", help="do not embed the invisible fluxion watermark"),
+    opt("--preview", action="store_true", help="show a thumbnail of every step in the terminal"),
+]
+UPSAMPLE = opt(
+    "--upsample-prompt",
+    metavar="FOLDER",
+    help="rewrite the prompt first with the chat LLM in this transformers folder (both are printed)",
+)
 
 
 class Command(NamedTuple):
@@ -487,7 +583,9 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
-    "generate": Command(generate_main, "text to image", [PROMPTS, OUTPUT, *SIZE, *SAMPLING, *MODEL]),
+    "generate": Command(
+        generate_main, "text to image", [PROMPTS, OUTPUT, *SIZE, *SAMPLING, *MODEL, *STUDIO, UPSAMPLE]
+    ),
     "edit": Command(
         edit_main,
         "image(s) + prompt to image",
@@ -498,6 +596,8 @@ COMMANDS: dict[str, Command] = {
             *SIZE,
             *SAMPLING,
             *MODEL,
+            *STUDIO,
+            UPSAMPLE,
         ],
     ),
     "inpaint": Command(
@@ -513,6 +613,7 @@ COMMANDS: dict[str, Command] = {
             OUTPUT,
             *SAMPLING,
             *MODEL,
+            *STUDIO,
         ],
     ),
     "interactive": Command(
@@ -572,6 +673,11 @@ COMMANDS: dict[str, Command] = {
                 help="options of the evaluation; see `fluxion eval -- --help`",
             )
         ],
+    ),
+    "verify": Command(
+        verify_main,
+        "check an image for the fluxion watermark and a C2PA manifest (exit 1 when neither is found)",
+        [opt("image", help="the image file (PNG, JPEG or WebP)")],
     ),
     "convert": Command(
         convert_main,

@@ -37,13 +37,25 @@ def png_info(params: dict) -> PngInfo:
     return info
 
 
-def save_png(result, path: str | Path) -> Path:
-    """Write `result.image` (a `fluxion.request.Result`) to `path` (.png) with its parameters; returns the path."""
+def save_png(result, path: str | Path, watermark: bool = False) -> Path:
+    """Write `result.image` (a `fluxion.request.Result`) to `path` (.png) with its parameters; returns the path.
+    `watermark`: embed the invisible fluxion mark first (fluxion.provenance; images under 64 px are left
+    unmarked with a warning). The file appears whole or not at all (written to a temporary name, then renamed)."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: fluxion writes PNG (the parameters go into its metadata); use a .png name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(path, format="PNG", pnginfo=png_info({**result.params, "seed": result.seed}))
+    image = result.image
+    if watermark:
+        from fluxion.provenance import watermark_if_possible
+
+        image = watermark_if_possible(image)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=png_info({**result.params, "seed": result.seed}))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -51,6 +51,20 @@ def add_watermark(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(marked, 0, 255).astype(np.uint8)[:, :, ::-1].copy())
 
 
+def watermark_if_possible(image: Image.Image) -> Image.Image:
+    """`add_watermark`, or the image unchanged with a one-line warning when it is under MIN_SIDE px per side
+    (the CLI and the server mark every output they can)."""
+    import warnings
+
+    if min(image.size) < MIN_SIDE:
+        warnings.warn(
+            f"not watermarked: the image is {image.size[0]}x{image.size[1]}, under {MIN_SIDE} px per side",
+            stacklevel=2,
+        )
+        return image
+    return add_watermark(image)
+
+
 @dataclass(frozen=True)
 class WatermarkResult:
     found: bool

@@ -121,3 +121,15 @@ def preview_map_for(vae, folder=None) -> PreviewMap:
     if folder is not None and (Path(str(folder)) / PREVIEW_FILE).is_file():
         return PreviewMap.load(Path(str(folder)) / PREVIEW_FILE)
     return fit_preview_map(vae)
+
+
+def preview_map_for_models(models, model_path=None) -> PreviewMap:
+    """The map for loaded `Models`: shipped with the embedded model (or next to the checkpoint at `model_path`),
+    else fitted now on its VAE."""
+    from fluxion.weights.models import embedded_model_dir
+
+    folder = embedded_model_dir() if model_path in (None, "fluxion-tiny") else Path(str(model_path))
+    if folder is not None and not Path(str(folder)).is_dir():
+        folder = Path(str(folder)).parent  # a single-file checkpoint: look beside it
+    with torch.no_grad():
+        return preview_map_for(models.vae, folder)

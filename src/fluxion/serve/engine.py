@@ -57,21 +57,6 @@ def encode_image(
 LIVE_PREVIEW = -1  # previews-table index of the latest per-step thumbnail (overwritten every step)
 
 
-def preview_map(models: Models, path: str | None):
-    """The model's latent -> RGB preview map: shipped with the embedded model or next to the checkpoint, else
-    fitted once now (sampling/preview.py)."""
-    from pathlib import Path
-
-    from fluxion.sampling.preview import preview_map_for
-    from fluxion.weights.models import embedded_model_dir
-
-    folder = embedded_model_dir() if path in (None, "fluxion-tiny") else Path(path)
-    if folder is not None and not Path(str(folder)).is_dir():
-        folder = Path(str(folder)).parent
-    with torch.no_grad():
-        return preview_map_for(models.vae, folder)
-
-
 def load_text_only(cfg: ServeConfig, served):
     """`--role text-encoder`: only the first served model's text encoder (no DiT, no VAE)."""
     from fluxion.text.encoder import load_text_encoder
@@ -267,6 +252,7 @@ class Worker:
     def _run(self, token: str, batch: list[st.Job]) -> None:
         from fluxion.editing.references import pixels_to_pil
         from fluxion.sampling.pipeline import decode, generate, inpaint
+        from fluxion.sampling.preview import preview_map_for_models
 
         models = self.models[batch[0].model]
         p0 = batch[0].params
@@ -318,7 +304,7 @@ class Worker:
         want = {i: j.params.get("partial_images", 0) for i, j in enumerate(batch)}
         live = [bool(j.params.get("live_preview", True)) for j in batch]
         if batch[0].model not in self.preview_maps:
-            self.preview_maps[batch[0].model] = preview_map(models, self.paths.get(batch[0].model))
+            self.preview_maps[batch[0].model] = preview_map_for_models(models, self.paths.get(batch[0].model))
         pmap = self.preview_maps[batch[0].model]
         last_live = [0.0]
 

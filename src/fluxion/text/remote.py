@@ -29,7 +29,7 @@ INFO_PATH = "/v1/encoder"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-class RemoteEncoderError(RuntimeError):
+class RemoteEncoderError(ValueError):  # a ValueError: the CLI reports it in one line
     pass
 
 

@@ -150,15 +150,19 @@ def test_studio_generate_edit_inpaint_cancel(server, browser):
     running = page.locator("#running li.card").first
     running.wait_for()
     page.wait_for_selector("#running progress:not([value='0'])")
+    shots = os.environ.get("FLUXION_STUDIO_SHOTS")
+    if shots:  # the README's picture: a job running with its live preview, progress, ETA and cancel
+        Path(shots).mkdir(parents=True, exist_ok=True)
+        page.wait_for_selector("#running img.preview[data-previews]")
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(Path(shots) / "studio-desktop.png"))
     running.get_by_role("button", name="Cancel").click()
     cancelled = page.locator("#history li[data-status='Error']:has-text('cancelled')").first
     cancelled.wait_for()
     assert page.locator("#running li.card").count() == 0
 
-    shots = os.environ.get("FLUXION_STUDIO_SHOTS")
     if shots:
-        Path(shots).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(shots) / "studio-desktop.png"), full_page=False)
         phone, _ = _open(browser, server, viewport={"width": 390, "height": 844}, is_mobile=True)
-        phone.screenshot(path=str(Path(shots) / "studio-phone.png"), full_page=False)
+        phone.get_by_label("Prompt", exact=True).fill("a lighthouse at dusk")
+        phone.screenshot(path=str(Path(shots) / "studio-phone.png"))
     assert errors == []

@@ -289,7 +289,8 @@ function onProgress(ui, body) {
 function onResult(id, ui, body) {
   state.running.delete(id);
   ui.card.remove();
-  setStatus(state.running.size ? `${state.running.size} running` : `Last job: ${body.status}.`);
+  const cancelled = body.details && body.details.error === "cancelled by the client";
+  setStatus(state.running.size ? `${state.running.size} running` : `Last job: ${cancelled ? "cancelled" : body.status}.`);
   loadHistory();
 }
 

@@ -5,6 +5,7 @@ BFL client sees it) at concurrency 1 / 8 / 32.
     python benchmarks/bench_serve.py --gpu              # one GPU: klein-4B real size, random weights (< 8 min)
     python benchmarks/bench_serve.py --gpu --smoke      # the GPU code path at toy sizes on the CPU
 
+Clients wait on each job's event stream (/v1/jobs/ID/events), then download the image.
 GPU mode: a Qwen3-4B-shaped text encoder (random token ids stand in for the tokenizer), the klein-4B transformer
 and the FLUX.2 VAE, all random; 4 steps at 512² and 1024²; the transformer in bf16 and in fp8 (rowwise, eager:
 a server sees several batch sizes, and compiling each would not fit the time budget). For each: the server as
@@ -35,7 +36,8 @@ SRC = str(HERE.parent / "src")
 
 # ---- the client (also run as a subprocess: --client) ----------------------------------------------------------
 def run_clients(url: str, model: str, n: int, concurrency: int, size: int, steps: int, poll_s: float) -> dict:
-    """n BFL submissions from `concurrency` threads, each polling get_result until Ready."""
+    """n BFL submissions from `concurrency` threads, each waiting for Ready: on the job's event stream
+    (poll_s = 0) or by polling get_result every poll_s seconds."""
     import httpx
 
     lat, errors = [], []
@@ -54,11 +56,19 @@ def run_clients(url: str, model: str, n: int, concurrency: int, size: int, steps
                 errors.append(r.text)
                 return
             job_id = r.json()["id"]
-            while True:
-                s = c.get(f"{url}/v1/get_result", params={"id": job_id}).json()
-                if s["status"] != "Pending":
-                    break
-                time.sleep(poll_s)
+            s = None
+            if poll_s > 0:  # BFL-style polling
+                while (s := c.get(f"{url}/v1/get_result", params={"id": job_id}).json())[
+                    "status"
+                ] == "Pending":
+                    time.sleep(poll_s)
+            else:  # the job's event stream: the server pushes the result as soon as it is stored
+                with c.stream("GET", f"{url}/v1/jobs/{job_id}/events") as ev:
+                    for line in ev.iter_lines():
+                        if line.startswith("data: "):
+                            s = json.loads(line[6:])
+                            if s["status"] != "Pending":
+                                break
             if s["status"] != "Ready":
                 errors.append(str(s))
                 return
@@ -160,10 +170,10 @@ def tiny(args, report: Report) -> None:
                 if proc.poll() is not None:
                     raise RuntimeError("server exited")
                 time.sleep(0.3)
-            run_clients(url, "fluxion-tiny", 4, 4, size, steps, 0.02)  # warm-up
+            run_clients(url, "fluxion-tiny", 4, 4, size, steps, 0)  # warm-up
             for c in (1, 8, 32):
                 n = max(args.n_min, 2 * c) if not args.quick else c
-                row = run_clients(url, "fluxion-tiny", n, c, size, steps, 0.02)
+                row = run_clients(url, "fluxion-tiny", n, c, size, steps, 0)
                 report.add({"label": label, "size": size, "steps": steps, **row})
         finally:
             proc.terminate()
@@ -188,7 +198,7 @@ def build_models(smoke: bool, device: str):
     qcfg._attn_implementation = "sdpa"
     te_cfg = dataclasses.replace(spec.text, hidden_layers=TAPS, hidden_size=qcfg.hidden_size)
     te_cfg = te_cfg if isinstance(te_cfg, TextEncoderConfig) else spec.text
-    with default_dtype(torch.bfloat16), torch.device(device):
+    with default_dtype(torch.float32 if smoke else torch.bfloat16), torch.device(device):  # CPU bf16 is slow
         hf = Qwen3ForCausalLM(qcfg).eval().requires_grad_(False)
 
     class RandomTokens(TextEncoder):
@@ -264,46 +274,46 @@ def gpu(args, report: Report) -> None:
 
     from fluxion.accel import AccelOptions, apply
 
+    deadline = time.time() + args.budget_s  # model building counts too: the whole run stays under budget
     device = "cpu" if args.smoke else "cuda"
     models, hf = build_models(args.smoke, device)
     steps = 4
     sizes = (64, 128) if args.smoke else (512, 1024)
     fast = "math" if args.smoke else "cudnn"
-    deadline = time.time() + args.budget_s
+    compiled = (
+        dict(compile=True, compile_dynamic=None) if args.compile else {}
+    )  # one graph for all batch sizes
 
     def port():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    for precision in ("bf16", "fp8"):
-        if precision == "fp8":
-            if args.smoke:
-                apply(models.transformer, AccelOptions(attention=fast))  # no fp8 kernels on the CPU
-            else:
-                apply(models.transformer, AccelOptions(attention=fast, fp8=True))
-        else:
-            apply(models.transformer, AccelOptions(attention=fast))
+    def server_rows(precision: str) -> None:
         for label, batch, levels in (
-            ("server", args.max_batch, (1, 8, 32)),
+            ("server", args.max_batch, (1, 8) if args.smoke else (1, 8, 32)),
             ("naive server (batch 1)", 1, (1, 8)),
         ):
+            if time.time() > deadline:
+                print(f"budget spent: skipping {precision} {label}")
+                continue
             srv = InProcessServer(models, batch, port())
             try:
                 for size in sizes:
-                    run_clients(
-                        srv.url, "flux-2-klein-4b", min(batch, 8), min(batch, 8), size, steps, 0.01
-                    )  # warm
+                    warm = min(
+                        batch, 8
+                    )  # every batch size up to this compiles / autotunes here, not in a row
+                    run_clients(srv.url, "flux-2-klein-4b", warm, warm, size, steps, 0)
                     for c in levels:
                         if time.time() > deadline:
-                            print(f"budget spent: skipping {precision} {label} {size} c={c}")
+                            print(f"budget spent: skipping {precision} {label} {size}² c={c}")
                             continue
-                        n = c if c == 1 else (2 * c if size <= 512 else max(c, 16))
-                        n = max(n, 4)
-                        row = clients_subprocess(srv.url, "flux-2-klein-4b", n, c, size, steps, 0.01)
+                        n = max(4, c if c == 1 else (2 * c if size <= 512 else max(c, 16)))
+                        row = clients_subprocess(srv.url, "flux-2-klein-4b", n, c, size, steps, 0)
+                        label_row = f"klein-4B {size}² {precision} {label}"
                         report.add(
                             {
-                                "label": f"klein-4B {size}² {precision} {label}",
+                                "label": label_row,
                                 "size": size,
                                 "steps": steps,
                                 "precision": precision,
@@ -313,9 +323,19 @@ def gpu(args, report: Report) -> None:
                         )
             finally:
                 srv.stop()
-        if device == "cuda":
-            torch.cuda.synchronize()
+
+    # In order of importance (rows stop at the budget): bf16 server and naive server, diffusers on the same
+    # bf16 weights, then the fp8 transformer (converted in place) through both servers.
+    apply(models.transformer, AccelOptions(attention=fast, **compiled))
+    server_rows("bf16")
     diffusers_loop(args, models, hf, sizes, steps, report, deadline)
+    if args.smoke:
+        apply(models.transformer, AccelOptions(attention=fast))  # no fp8 kernels on the CPU: the path only
+    else:
+        if args.compile:
+            torch._dynamo.reset()
+        apply(models.transformer, AccelOptions(attention=fast, fp8=True, **compiled))
+    server_rows("fp8")
 
 
 def diffusers_loop(args, models, hf, sizes, steps, report, deadline) -> None:
@@ -327,7 +347,6 @@ def diffusers_loop(args, models, hf, sizes, steps, report, deadline) -> None:
         from common import build_diffusers_sharing
         from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
-        from fluxion.accel import AccelOptions, apply
         from fluxion.weights.load import diffusers_vae_config
         from fluxion.weights.vae_mapping import vae_bfl_to_diffusers
     except ImportError as e:
@@ -336,12 +355,10 @@ def diffusers_loop(args, models, hf, sizes, steps, report, deadline) -> None:
     import inspect
 
     device = models.device
-    if not args.smoke:  # back to plain bf16 linears (the fp8 pass replaced them)
-        from common import build_ours
-
-        models.transformer = build_ours(models.spec.transformer, device="cuda")
-    apply(models.transformer, AccelOptions())
-    dm = build_diffusers_sharing(models.transformer).to(device)
+    if time.time() > deadline:
+        print("budget spent: skipping diffusers")
+        return
+    dm = build_diffusers_sharing(models.transformer).to(device)  # same storage: no second copy of the weights
     accepted = inspect.signature(AutoencoderKLFlux2.__init__).parameters
     kw = {k: v for k, v in diffusers_vae_config(models.vae.cfg).items() if k in accepted}
     with torch.device("meta"):
@@ -379,6 +396,7 @@ def diffusers_loop(args, models, hf, sizes, steps, report, deadline) -> None:
             num_inference_steps=steps,
             generator=g,
             output_type="pil",
+            guidance_scale=1.0,  # distilled: no guidance (silences its warning)
         )
 
     with torch.no_grad():
@@ -427,10 +445,16 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--n-min", type=int, default=16, help="CPU: requests per concurrency level (at least)")
-    ap.add_argument("--budget-s", type=float, default=400, help="GPU: stop starting new rows after this")
+    ap.add_argument("--budget-s", type=float, default=380, help="GPU: start no new row after this (s)")
+    ap.add_argument(
+        "--compile", action="store_true", help="GPU: regional compile, dynamic batch (slow start)"
+    )
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     import torch
+
+    if args.smoke:
+        torch.set_num_threads(1)  # toy sizes: threads only add synchronisation (and spin on a shared CPU)
 
     meta = {"mode": "gpu" if args.gpu else "cpu-tiny", "smoke": args.smoke, "torch": torch.__version__}
     if torch.cuda.is_available():

@@ -123,6 +123,38 @@ def _validation_message(err: ValidationError) -> tuple[str, str | None]:
     return "; ".join(parts), first
 
 
+class Changes:
+    """Wakes the async waiters of this process (SSE streams, OpenAI requests) when an in-process worker wrote
+    something; waiters also time out and re-read the store, which is how changes made by workers in other
+    processes arrive."""
+
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.waiters: set[asyncio.Future] = set()
+        self.version = 0  # bumped on the loop at each wake; read it before the store, pass it to wait()
+
+    def notify(self) -> None:  # from any thread
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self.version += 1
+        for f in self.waiters:
+            if not f.done():
+                f.set_result(None)
+        self.waiters.clear()
+
+    async def wait(self, timeout: float, seen: int) -> None:
+        if self.version != seen:  # something changed since the caller read the store
+            return
+        f = asyncio.get_running_loop().create_future()
+        self.waiters.add(f)
+        try:
+            await asyncio.wait_for(f, timeout)
+        except asyncio.TimeoutError:
+            self.waiters.discard(f)
+
+
 class Service:
     """State shared by the routes: config, store, served models, signing secret, prices, moderation."""
 
@@ -136,12 +168,21 @@ class Service:
         self.url_secret = self.store.setting("url_secret", st.new_secret).encode()
         self.worker = None
         self.models_loaded = cfg.role == "api"
+        self.changes = Changes()
+        # Waiters re-read the store this often: rarely when the worker is in this process (it wakes them).
+        self.poll_s = 1.0 if cfg.role == "all" else 0.1
 
     # ---- signed sample URLs -----------------------------------------------------------------------------
-    def sample_url(self, job_id: str) -> str:
+    def base(self, request: Request | None) -> str:
+        """Where clients reach us: --public-url, else the address this request came to."""
+        if self.cfg.public_url or request is None:
+            return self.cfg.base_url
+        return str(request.base_url).rstrip("/")
+
+    def sample_url(self, job_id: str, request: Request | None = None) -> str:
         exp = int(time.time() + self.cfg.result_ttl_s)
         sig = hmac.new(self.url_secret, f"{job_id}:{exp}".encode(), hashlib.sha256).hexdigest()
-        return f"{self.cfg.base_url}/v1/results/{job_id}?exp={exp}&sig={sig}"
+        return f"{self.base(request)}/v1/results/{job_id}?exp={exp}&sig={sig}"
 
     def check_sample(self, job_id: str, exp: int, sig: str) -> bool:
         good = hmac.new(self.url_secret, f"{job_id}:{exp}".encode(), hashlib.sha256).hexdigest()
@@ -312,7 +353,7 @@ class Service:
             return None
         return job
 
-    def result_body(self, job: st.Job) -> dict:
+    def result_body(self, job: st.Job, request: Request | None = None) -> dict:
         status = PUBLIC_STATUS.get(job.status, job.status)
         body = {"id": job.id, "status": status, "result": None, "progress": None, "details": job.details}
         if status == "Pending":
@@ -320,7 +361,7 @@ class Service:
         elif job.status == st.READY:
             body["progress"] = 1.0
             body["result"] = {
-                "sample": self.sample_url(job.id),
+                "sample": self.sample_url(job.id, request),
                 "seed": job.params["seed"],
                 "prompt": job.params["prompt"],
                 **(
@@ -391,6 +432,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
 
     @asynccontextmanager
     async def lifespan(app):
+        svc.changes.loop = asyncio.get_running_loop()
         from fluxion.serve.webhooks import WebhookSender
 
         sender = WebhookSender(cfg, svc.store, svc.sample_url)
@@ -478,7 +520,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
         job = svc.owned(id, key)
         if job is None:
             return JSONResponse({"id": id, "status": "Task not found", "result": None, "progress": None}, 404)
-        return svc.result_body(job)
+        return svc.result_body(job, request)
 
     @app.get("/v1/credits", response_model=Credits, tags=["BFL"])
     def credits(request: Request):
@@ -497,7 +539,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
         key = svc.authenticate(request)
         if svc.owned(job_id, key) is None:
             return JSONResponse({"id": job_id, "status": "Task not found"}, 404)
-        return svc.result_body(svc.store.request_cancel(job_id))
+        return svc.result_body(svc.store.request_cancel(job_id), request)
 
     @app.get("/v1/jobs/{job_id}/events", tags=["beyond BFL"])
     async def events(request: Request, job_id: str):
@@ -509,8 +551,9 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
         async def stream():
             last, last_preview = None, None
             while not await request.is_disconnected():
+                seen = svc.changes.version
                 job = await asyncio.to_thread(svc.store.get, job_id)
-                body = svc.result_body(job)
+                body = svc.result_body(job, request)
                 if body["status"] != "Pending":
                     yield f"event: result\ndata: {json.dumps(body)}\n\n"
                     return
@@ -525,7 +568,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
                 if (body["status"], body["progress"]) != last or body.get("preview"):
                     last = (body["status"], body["progress"])
                     yield f"event: progress\ndata: {json.dumps(body)}\n\n"
-                await asyncio.sleep(0.1)
+                await svc.changes.wait(svc.poll_s, seen)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -539,7 +582,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
         rows = svc.store.list_jobs(key.id if key is not None else None, limit, before)
         out = []
         for _, job in rows:
-            body = svc.result_body(job)
+            body = svc.result_body(job, request)
             out.append(
                 {
                     **body,
@@ -686,7 +729,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
         [job_id] = await asyncio.to_thread(svc.submit, key, [spec])
         out = {
             "id": job_id,
-            "polling_url": f"{cfg.base_url}/v1/get_result?id={job_id}",
+            "polling_url": f"{svc.base(request)}/v1/get_result?id={job_id}",
             "cost": spec["cost"],
             "input_mp": spec["input_mp"],
             "output_mp": spec["output_mp"],
@@ -743,7 +786,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
             if job.status != st.READY:
                 raise job_failure(job)
             if body.response_format == "url":
-                data.append({"url": svc.sample_url(job_id), "revised_prompt": None})
+                data.append({"url": svc.sample_url(job_id, request), "revised_prompt": None})
             else:
                 row = await asyncio.to_thread(svc.store.result, job_id)
                 data.append({"b64_json": base64.b64encode(row.data).decode(), "revised_prompt": None})
@@ -765,6 +808,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
     async def wait_all(request: Request, ids: list[str]) -> dict[str, st.Job]:
         deadline = time.time() + cfg.sync_timeout_s
         while True:
+            seen = svc.changes.version
             jobs = await asyncio.to_thread(svc.store.get_many, ids)
             if all(j.status in st.TERMINAL for j in jobs.values()):
                 return jobs
@@ -778,7 +822,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
                     f"not finished within {cfg.sync_timeout_s:g} s; the jobs keep running",
                     code="timeout",
                 )
-            await asyncio.sleep(0.05)
+            await svc.changes.wait(svc.poll_s, seen)
 
     async def openai_stream(request: Request, ids: list[str], body: OpenAIGeneration, size: str):
         sent: dict[str, int] = {i: 0 for i in ids}
@@ -789,6 +833,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
                 for job_id in pending:
                     await asyncio.to_thread(svc.store.request_cancel, job_id)
                 return
+            seen = svc.changes.version
             jobs = await asyncio.to_thread(svc.store.get_many, list(pending))
             for image_index, job_id in enumerate(ids):
                 if job_id not in pending:
@@ -826,7 +871,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
                         e = job_failure(job)
                         err = {"type": "error", "error": {"message": e.message, "code": e.code}}
                         yield f"event: error\ndata: {json.dumps(err)}\n\n"
-            await asyncio.sleep(0.05)
+            await svc.changes.wait(svc.poll_s, seen)
 
     @app.post(
         "/v1/images/generations",
@@ -915,6 +960,6 @@ def _start_worker(svc: Service, metrics, stop: threading.Event, models: dict | N
     except Exception:
         log.exception("loading the models failed")
         return
-    svc.worker = Worker(svc.cfg, svc.store, models, svc.moderator, metrics)
+    svc.worker = Worker(svc.cfg, svc.store, models, svc.moderator, metrics, on_change=svc.changes.notify)
     svc.models_loaded = True
     svc.worker.run(stop)

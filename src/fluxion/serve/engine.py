@@ -153,6 +153,7 @@ class Worker:
         models: dict[str, Models],
         moderator: Moderator,
         metrics: Metrics,
+        on_change=None,
     ):
         self.cfg, self.store, self.models, self.moderator, self.metrics = (
             cfg,
@@ -163,6 +164,7 @@ class Worker:
         )
         self.id = cfg.worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.alive = False
+        self.on_change = on_change or (lambda: None)  # wakes in-process waiters (SSE, OpenAI) after a write
         self.paths = dict(cfg.models)
         self.preview_maps: dict = {}  # model name -> PreviewMap, made at the first job of that model
         self._upsampler = None
@@ -241,6 +243,7 @@ class Worker:
                     self.metrics.images.labels(st.ERROR).inc()
         finally:
             done.set()
+            self.on_change()
 
     def _heartbeat(self, token: str, done: threading.Event) -> None:
         while not done.wait(self.cfg.lease_s / 3):
@@ -298,6 +301,7 @@ class Worker:
                 self.store.finish(job_id, token, st.CANCELLED, error="cancelled")
                 active.discard(job_id)
                 log.info("cancelled", extra={"event": "cancelled", "job": job_id, "step": step})
+            self.on_change()
             if not active:
                 raise Cancelled
 
@@ -318,12 +322,14 @@ class Worker:
                     if live[i] and job.id in active:
                         thumb = pmap.image(tokens, h, w, index=i, scale=4)
                         self.store.add_preview(job.id, token, LIVE_PREVIEW, encode_image(thumb, "png"))
+                self.on_change()
             for i, k in want.items():  # OpenAI partial_images: full decodes at k evenly spaced steps
                 marks = [max(1, round(total * (n + 1) / (k + 1))) for n in range(k)]
                 if k and step in marks and step < total and batch[i].id in active:
                     pixels = decode(models, tokens[i : i + 1], h, w)
                     im = pixels_to_pil(pixels)[0]
                     self.store.add_preview(batch[i].id, token, marks.index(step), encode_image(im, "png"))
+                    self.on_change()
 
         loras = p0.get("loras") or []
         names = []
@@ -394,6 +400,7 @@ class Worker:
                 status = st.READY
             if ok:
                 self.metrics.images.labels(status).inc()
+                self.on_change()
             log.info(
                 "job finished",
                 extra={

@@ -228,3 +228,18 @@ def test_nudenet_label_mapping_by_tolerance():
     except ImportError:
         with pytest.raises(ValueError, match=r"fluxion\[nsfw\].*AGPL"):
             NSFWClassifier.nudenet()
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--c2pa-cert", "chain.pem"], "give both --c2pa-cert and --c2pa-key"),
+        (["--text", "localhost:8001"], "give the http(s) URL"),
+    ],
+)
+def test_serve_studio_flags_bad_input_one_line(argv, words, capsys):
+    from fluxion.serve.cli import serve_main
+
+    assert serve_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err

@@ -102,6 +102,11 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-watermark", action="store_true", help="do not embed the invisible watermark in served images"
     )
+    p.add_argument(
+        "--no-live-previews",
+        action="store_true",
+        help="do not store a per-step thumbnail of running jobs (the page then shows progress only)",
+    )
     p.add_argument("--c2pa-cert", help="PEM certificate chain: sign a C2PA manifest into every image")
     p.add_argument("--c2pa-key", help="the PEM private key of --c2pa-cert")
     p.add_argument(
@@ -165,6 +170,7 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
         metrics_port=a.metrics_port,
         worker_id=a.worker_id,
         watermark=not a.no_watermark,
+        live_previews=not a.no_live_previews,
         c2pa_cert=a.c2pa_cert,
         c2pa_key=a.c2pa_key,
         nsfw=a.nsfw,

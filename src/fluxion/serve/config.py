@@ -49,6 +49,7 @@ class ServeConfig:
     worker_id: str | None = None
     # The studio (issue 12): provenance, moderation, LoRAs, upsampling, a remote text encoder.
     watermark: bool = True  # invisible watermark on every served image (fluxion.provenance)
+    live_previews: bool = True  # a thumbnail per step (<= 4/s) in the store for the page / the event stream
     c2pa_cert: str | None = None  # PEM certificate chain: sign a C2PA manifest into every image
     c2pa_key: str | None = None  # its PEM private key
     nsfw: bool = False  # run the optional NSFW image classifier (extra [nsfw]: nudenet, AGPL weights)

@@ -306,7 +306,7 @@ class Worker:
                 raise Cancelled
 
         want = {i: j.params.get("partial_images", 0) for i, j in enumerate(batch)}
-        live = [bool(j.params.get("live_preview", True)) for j in batch]
+        live = [self.cfg.live_previews for _ in batch]
         if batch[0].model not in self.preview_maps:
             self.preview_maps[batch[0].model] = preview_map_for_models(models, self.paths.get(batch[0].model))
         pmap = self.preview_maps[batch[0].model]
@@ -314,9 +314,10 @@ class Worker:
 
         def preview(step: int, total: int, tokens, h: int, w: int) -> None:
             # Live thumbnails (the studio page) from the fitted latent -> RGB map on the x0 estimate: a matmul
-            # and a tiny PNG per job. At most 10 a second; the first step always (short jobs show one).
+            # and a tiny PNG per job. At most 4 a second (the cadence of the progress writes); the first step
+            # always (short jobs show one).
             now = time.perf_counter()
-            if step < total and (step == 1 or now - last_live[0] >= 0.1):
+            if any(live) and step < total and (step == 1 or now - last_live[0] >= 0.25):
                 last_live[0] = now
                 for i, job in enumerate(batch):
                     if live[i] and job.id in active:

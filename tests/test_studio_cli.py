@@ -84,6 +84,7 @@ def test_text_flag_uses_a_remote_encoder_process(tmp_path, capsys):
     assert code == 2 and "cannot reach the text encoder" in err and "\n" not in err.strip()
 
 
+@pytest.mark.slow  # a random LLM writes max_new_tokens tokens; tests/test_studio.py covers the server's path
 def test_upsample_prompt_is_recorded(tmp_path, capsys):
     from text_fixtures import build_tiny_qwen3
 

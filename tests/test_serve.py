@@ -319,11 +319,13 @@ def test_store_claim_is_exclusive_and_leases_requeue(tmp_path):
     assert store.result(ids[0]).data == b"y"
 
 
-def test_serve_cli_bad_flags_one_line(capsys):
+def test_serve_cli_bad_flags_one_line(capsys, tmp_path):
     from fluxion.cli import main
 
-    assert main(["serve", "--max-batch", "0"]) == 2
+    db = f"sqlite:///{tmp_path}/jobs.db"
+    assert main(["serve", "--db", db, "--max-batch", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "fluxion serve: error: --max-batch must be at least 1, got 0"
-    assert main(["serve", "--model", "klein=/nonexistent/folder", "--role", "api"]) == 2
+    assert main(["serve", "--db", db, "--model", "klein=/nonexistent/folder", "--role", "api"]) == 2
     assert "/nonexistent/folder" in capsys.readouterr().err
+    assert not (tmp_path / "jobs.db").exists()  # nothing created for a command that failed

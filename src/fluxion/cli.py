@@ -706,11 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else argv)[:1] in (
-        ["serve"],
-        ["keys"],
-    ):  # own argparse: fluxion/serve/cli.py
-        return __import__("fluxion.serve.cli").serve.cli.dispatch(sys.argv[1:] if argv is None else argv)
+    if (argv := sys.argv[1:] if argv is None else argv)[:1] in (["serve"], ["keys"]):  # fluxion/serve/cli.py
+        return __import__("fluxion.serve.cli").serve.cli.dispatch(argv)
     args = build_parser().parse_args(argv)
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):

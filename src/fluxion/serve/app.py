@@ -160,8 +160,8 @@ class Service:
 
     def __init__(self, cfg: ServeConfig, store: st.Store | None = None):
         self.cfg = cfg
+        self.served: list[Served] = served_models(cfg)  # first: a bad --model must not create a database
         self.store = store or st.Store(cfg.db)
-        self.served: list[Served] = served_models(cfg)
         self.by_name = {n: s for s in self.served for n in s.names}
         self.prices = PriceTable.load(cfg.prices)
         self.moderator = build_moderator(cfg.blocklist, cfg.nsfw)

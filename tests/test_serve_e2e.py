@@ -36,6 +36,7 @@ def server(tmp_path_factory):
         "--auth",
         "off",
         "--allow-private-webhooks",
+        "--no-watermark",  # these tests compare served pixels with the library's exactly (tests/test_studio.py marks)
     ]
     p = Proc([*args, "--max-batch", "16", "--lease", "5"], d / "server.log", port)
     try:

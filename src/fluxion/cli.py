@@ -409,17 +409,62 @@ def note_model(params: dict, models, source: str) -> None:
         )
 
 
-def save_all(results, output: str | Path, loras=(), out: TextIO | None = None) -> list[Path]:
-    """Each result to its numbered path (written to a temporary name, then renamed: never half a file)."""
+def save_all(
+    results, output: str | Path, loras=(), out: TextIO | None = None, watermark: bool = True
+) -> list[Path]:
+    """Each result to its numbered path (written to a temporary name, then renamed: never half a file), with the
+    invisible watermark unless --no-watermark."""
     from fluxion.metadata import save_png
 
     paths = output_paths(output, len(results))
     for result, path in zip(results, paths):
         if loras:
             result.params["loras"] = [{"path": str(p), "scale": s} for p, s in loras]
-        save_png(result, path)
+        save_png(result, path, watermark=watermark)
         print(f"{path}  seed {result.seed}", file=out or sys.stdout)
     return paths
+
+
+def terminal_preview(args: argparse.Namespace, models):
+    """--preview: per-step thumbnails (the fitted latent -> RGB map on the x0 estimate) drawn in place on stderr
+    (kitty / iTerm2 / sixel images, coloured blocks elsewhere); None without the flag."""
+    if not getattr(args, "preview", False):
+        return None
+    from fluxion.sampling.preview import preview_map_for_models
+    from fluxion.termimage import TerminalPreview
+
+    pmap, term = preview_map_for_models(models, args.model), TerminalPreview(sys.stderr)
+
+    def show(step: int, total: int, x0, h: int, w: int) -> None:
+        term.show(pmap.image(x0, h, w, scale=4), caption=f"step {step}/{total}")
+
+    return show
+
+
+def upsample(args: argparse.Namespace, request, models, references=()):
+    """--upsample-prompt FOLDER: rewrite each prompt with a local chat LLM; both prompts are printed and the
+    original is kept in the PNG (prompt_original)."""
+    folder = getattr(args, "upsample_prompt", None)
+    if not folder:
+        return request, None
+    from fluxion.text.upsample import PromptUpsampler
+
+    up = PromptUpsampler(folder, device=models.device)
+    prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+    done = [up(p, list(references)) for p in prompts]
+    for d in done:
+        print(f"upsampled prompt: {d.prompt!r} (from {d.original!r})", file=sys.stderr)
+    new = [d.prompt for d in done]
+    originals = {d.prompt: d.original for d in done}
+    return replace(request, prompt=new[0] if isinstance(request.prompt, str) else new), originals
+
+
+def with_originals(results, originals):
+    """Record the user's own prompt next to the upsampled one in each result's params."""
+    if originals:
+        for r in results:
+            r.params["prompt_original"] = originals.get(r.params["prompt"], r.params["prompt"])
+    return results
 
 
 def edit_size(models, references) -> tuple[int, int]:
@@ -443,6 +488,24 @@ def generate_main(args: argparse.Namespace) -> int:
     return _generate(args, [])
 
 
+def verify_main(args: argparse.Namespace) -> int:
+    """Exit 0 when the fluxion watermark or a C2PA manifest is found, 1 when neither is."""
+    from fluxion.provenance import verify
+
+    report = verify(args.image)
+    mark = report["watermark"]
+    found = "found" if mark["found"] else "not found"
+    print(f"{report['file']}")
+    print(f"  watermark: {found} ({mark['matching_bits']}/{mark['of']} bits match)")
+    c = report["c2pa"]
+    if c is None:
+        print("  c2pa: no manifest")
+    else:
+        print(f"  c2pa: {', '.join(c['actions'])} by {', '.join(c['claim_generator'])}; model {c['model']}")
+        print(f"  c2pa signer: {c['signer']}; validation: {c['validation_state']}")
+    return 0 if mark["found"] or c is not None else 1
+
+
 def edit_main(args: argparse.Namespace) -> int:
     from fluxion.images import load_image
 
@@ -461,7 +524,9 @@ def _generate(args: argparse.Namespace, refs: list) -> int:
         width, height = edit_size(models, refs)
         request = replace(request, width=width, height=height)
     note_model(params, models, args.from_image)
-    save_all(generate(models, request, progress=progress_bar()), args.output, loras)
+    request, originals = upsample(args, request, models, refs)
+    results = generate(models, request, progress=progress_bar(), preview=terminal_preview(args, models))
+    save_all(with_originals(results, originals), args.output, loras, watermark=not args.no_watermark)
     return 0
 
 
@@ -481,9 +546,16 @@ def inpaint_main(args: argparse.Namespace) -> int:
     models = load(args, loras)
     note_model(params, models, args.from_image)
     results = inpaint(
-        models, request, source, mask, strength, composite=not args.no_composite, progress=progress_bar()
+        models,
+        request,
+        source,
+        mask,
+        strength,
+        composite=not args.no_composite,
+        progress=progress_bar(),
+        preview=terminal_preview(args, models),
     )
-    save_all(results, args.output, loras)
+    save_all(results, args.output, loras, watermark=not args.no_watermark)
     return 0
 
 
@@ -787,6 +859,15 @@ OUTPUT = opt(
     help="output PNG; more images: OUT-1.png, OUT-2.png, ... (prompts x -n)",
 )
 PROMPTS = opt("prompt", nargs="*", help="prompt(s); several prompts make a batch")
+STUDIO = [
+    opt("--no-watermark", action="store_true", help="do not embed the invisible fluxion watermark"),
+    opt("--preview", action="store_true", help="show a thumbnail of every step in the terminal"),
+]
+UPSAMPLE = opt(
+    "--upsample-prompt",
+    metavar="FOLDER",
+    help="rewrite the prompt first with the chat LLM in this transformers folder (both are printed)",
+)
 
 
 class Command(NamedTuple):
@@ -797,7 +878,7 @@ class Command(NamedTuple):
 
 
 def _generate_options() -> list[Option]:
-    return [PROMPTS, OUTPUT, *sampling_options(), *model_options(), *accel_options()]
+    return [PROMPTS, OUTPUT, *sampling_options(), *model_options(), *accel_options(), *STUDIO, UPSAMPLE]
 
 
 def _edit_options() -> list[Option]:
@@ -817,6 +898,7 @@ def _inpaint_options() -> list[Option]:
         *sampling_options(sizes=False),
         *model_options(),
         *accel_options(),
+        *STUDIO,
     ]
 
 
@@ -939,6 +1021,11 @@ COMMANDS: dict[str, Command] = {
         "evaluate a model (default: the embedded fluxion-tiny): OCR typography, colour, recognisability, "
         "editing, speed; prints figures and writes JSON",
         _eval_options,
+    ),
+    "verify": Command(
+        verify_main,
+        "check an image for the fluxion watermark and a C2PA manifest (exit 1 when neither is found)",
+        [opt("image", help="the image file (PNG, JPEG or WebP)")],
     ),
     "convert": Command(
         convert_main,

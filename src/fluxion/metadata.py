@@ -41,18 +41,25 @@ def png_info(params: dict) -> PngInfo:
     return info
 
 
-def save_png(result, path: str | Path) -> Path:
-    """Write `result.image` (a `fluxion.request.Result`) to `path` (.png) with its parameters; returns the path."""
+def save_png(result, path: str | Path, watermark: bool = False) -> Path:
+    """Write `result.image` (a `fluxion.request.Result`) to `path` (.png) with its parameters; returns the path.
+    `watermark`: embed the invisible fluxion mark first (fluxion.provenance; images under 64 px are left
+    unmarked with a warning). The file appears whole or not at all (written to a temporary name, then renamed)."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: fluxion writes PNG (the parameters go into its metadata); use a .png name")
     path.parent.mkdir(parents=True, exist_ok=True)
+    image = result.image
+    if watermark:
+        from fluxion.provenance import watermark_if_possible
+
+        image = watermark_if_possible(image)
     info = png_info({**result.params, "seed": result.seed})
     # open() rather than mkstemp: the file gets the usual umask permissions, not 0600.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
         with open(tmp, "wb") as f:
-            result.image.save(f, format="PNG", pnginfo=info)
+            image.save(f, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except BaseException:  # KeyboardInterrupt included: never leave a half-written file behind
         Path(tmp).unlink(missing_ok=True)

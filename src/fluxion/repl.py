@@ -23,6 +23,7 @@ REPL_HELP = """\
   !load PATH           add an image file as the next $N
   !seed N|random       a fixed seed for what follows, or random again (the seed used is always printed)
   !size WxH   !steps N|auto   !guidance G|auto   !show (current settings)
+  !view [$N]           draw the last image (or $N) in the terminal (kitty / iTerm2 / sixel / colour blocks)
   Ctrl-C stops a generation (the session goes on)
   !help   !quit (or Ctrl-D)"""
 _SIZE = re.compile(r"(\d+)x(\d+)")
@@ -107,6 +108,16 @@ def run_repl(
                 guidance = _number(rest, float, "!guidance")
                 Request(prompt="x", guidance=guidance)
                 settings["guidance"] = guidance
+            elif cmd == "!view":
+                from fluxion.termimage import TerminalPreview
+
+                token = rest or "$"
+                index = len(images) if token == "$" else int(token[1:]) if token[1:].isdigit() else 0
+                if not 1 <= index <= len(images):
+                    raise ValueError(f"no image {token} (there are {len(images)})")
+                TerminalPreview(out).show(
+                    load_image(images[index - 1]), caption=f"${index} {images[index - 1]}"
+                )
             elif cmd == "!load":
                 load_image(rest)
                 images.append(Path(rest))
@@ -139,7 +150,7 @@ def run_repl(
                 start = time.perf_counter()
                 result = generate(models, request, progress=progress() if progress else None)[0]
                 result.params.update(extra_params or {})
-                path = save_png(result, outdir / f"image-{len(images) + 1:04d}.png")
+                path = save_png(result, outdir / f"image-{len(images) + 1:04d}.png", watermark=True)
                 images.append(path)
                 w, h = result.image.size
                 took = time.perf_counter() - start

@@ -39,6 +39,7 @@ from fluxion.images import (
 from fluxion.request import Note, ProgressFn, Request, Result
 from fluxion.sampling.denoise import Conditioning, Guidance, denoise_steps
 from fluxion.sampling.ids import image_ids, pack, reference_ids, text_ids, unpack
+from fluxion.sampling.preview import denoised_estimate
 from fluxion.sampling.schedule import get_schedule
 from fluxion.weights.models import Models
 
@@ -298,16 +299,16 @@ def _note_resized(spec: ModelSpec, originals, prepared) -> None:
 
 def _run(models, x, x_ids, cond, timesteps, guidance, progress, preview, h, w, after_step=None) -> Tensor:
     total, t0 = len(timesteps) - 1, time.perf_counter()
-    out = x
+    out = prev = x
     for i, out in denoise_steps(models.denoiser, x, x_ids, cond, timesteps, guidance, after_step):
         if models.device.type == "cuda" and (progress or preview):  # timing a step needs it finished
             torch.cuda.synchronize()
         now = time.perf_counter()
         if progress:
             progress(i + 1, total, now - t0)
-        if preview:
-            preview(i + 1, total, out, h, w)
-        t0 = now
+        if preview:  # gets the denoised estimate x0 [B, h*w, 128], not the noisy state (sampling/preview.py)
+            preview(i + 1, total, denoised_estimate(prev, out, timesteps[i], timesteps[i + 1]), h, w)
+        prev, t0 = out, now
     return out
 
 
@@ -320,6 +321,7 @@ def inpaint(
     strength: float = 0.8,
     composite: bool = True,
     progress: ProgressFn | None = None,
+    preview=None,
 ) -> list[Result]:
     """Repaint the white part of `mask` in `image` (klein inpaint behaviour, spec 7.4).
 
@@ -397,7 +399,7 @@ def inpaint(
         timesteps,
         guidance,
         progress,
-        None,
+        preview,
         h,
         w,
         keep_source,

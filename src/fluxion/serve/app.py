@@ -23,15 +23,18 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import ValidationError
 
 from fluxion.serve import store as st
 from fluxion.serve.auth import PriceTable, megapixels, verify_key
 from fluxion.serve.config import ServeConfig, Served, served_models
+from fluxion.serve.engine import LIVE_PREVIEW, list_loras, lora_path
 from fluxion.serve.inputs import (
     InputError,
     check_public_url,
@@ -41,7 +44,7 @@ from fluxion.serve.inputs import (
     parse_size,
     size_from_input,
 )
-from fluxion.serve.moderation import Blocklist
+from fluxion.serve.moderation import build_moderator
 from fluxion.serve.schemas import (
     MAX_INPUTS,
     MAX_SEED,
@@ -56,6 +59,15 @@ from fluxion.serve.schemas import (
 
 log = logging.getLogger("fluxion.serve")
 PUBLIC_STATUS = {st.QUEUED: "Pending", st.RUNNING: "Pending", st.CANCELLED: st.ERROR}
+STATIC = Path(__file__).parent / "static"  # the studio page: plain HTML, CSS and JS, no build step
+
+
+def _eta(job: st.Job) -> float | None:
+    """Seconds left, from the time the job has run and the fraction of its steps done."""
+    if job.status != st.RUNNING or not job.started_at or job.progress <= 0:
+        return None
+    elapsed = time.time() - job.started_at
+    return round(elapsed * (1 - job.progress) / job.progress, 2)
 
 
 class ApiError(Exception):
@@ -152,7 +164,7 @@ class Service:
         self.store = store or st.Store(cfg.db)
         self.by_name = {n: s for s in self.served for n in s.names}
         self.prices = PriceTable.load(cfg.prices)
-        self.moderator = Blocklist.load(cfg.blocklist)
+        self.moderator = build_moderator(cfg.blocklist, cfg.nsfw)
         self.url_secret = self.store.setting("url_secret", st.new_secret).encode()
         self.worker = None
         self.models_loaded = cfg.role == "api"
@@ -290,7 +302,8 @@ class Service:
             "model": served.name,
             "batch_key": f"solo:{uuid.uuid4()}"
             if solo
-            else f"{served.name}|{width}x{height}|{steps}|{g.scale:g}",
+            else f"{served.name}|{width}x{height}|{steps}|{g.scale:g}"
+            + "".join(f"|{x['name']}@{x['scale']:g}" for x in params.get("loras") or []),
             "params": params,
             "images": images,
             "status": st.REQUEST_MODERATED if reasons else st.QUEUED,
@@ -351,6 +364,11 @@ class Service:
                 "sample": self.sample_url(job.id, request),
                 "seed": job.params["seed"],
                 "prompt": job.params["prompt"],
+                **(
+                    {"prompt_original": job.params["prompt_original"]}
+                    if "prompt_original" in job.params
+                    else {}
+                ),
                 "start_time": job.started_at,
                 "end_time": job.finished_at,
                 "duration": (job.finished_at - job.started_at)
@@ -531,7 +549,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
             return JSONResponse({"id": job_id, "status": "Task not found"}, 404)
 
         async def stream():
-            last = None
+            last, last_preview = None, None
             while not await request.is_disconnected():
                 seen = svc.changes.version
                 job = await asyncio.to_thread(svc.store.get, job_id)
@@ -539,12 +557,86 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
                 if body["status"] != "Pending":
                     yield f"event: result\ndata: {json.dumps(body)}\n\n"
                     return
-                if (body["status"], body["progress"]) != last:
+                thumb = None
+                if job.status == st.RUNNING:
+                    thumb = await asyncio.to_thread(svc.store.preview, job_id, LIVE_PREVIEW)
+                if thumb is not None and thumb != last_preview:
+                    # The latest per-step thumbnail (PreviewMap on the x0 estimate), a few hundred bytes.
+                    last_preview = thumb
+                    body["preview"] = {"image": "data:image/png;base64," + base64.b64encode(thumb).decode()}
+                body["eta_s"] = _eta(job)
+                if (body["status"], body["progress"]) != last or body.get("preview"):
                     last = (body["status"], body["progress"])
                     yield f"event: progress\ndata: {json.dumps(body)}\n\n"
                 await svc.changes.wait(svc.poll_s, seen)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.get("/v1/jobs", tags=["beyond BFL"])
+    def list_jobs(request: Request, limit: int = 50, before: int | None = None):
+        """The caller's jobs, newest first, with their parameters and (when ready) a fresh sample URL.
+        `next` pages further back (pass it as `before`)."""
+        key = svc.authenticate(request)
+        if not 1 <= limit <= 200:
+            raise ApiError(422, f"limit must be in 1..200, got {limit}", "limit")
+        rows = svc.store.list_jobs(key.id if key is not None else None, limit, before)
+        out = []
+        for _, job in rows:
+            body = svc.result_body(job, request)
+            out.append(
+                {
+                    **body,
+                    "model": job.model,
+                    "params": job.params,
+                    "created_at": job.created_at,
+                    "finished_at": job.finished_at,
+                }
+            )
+        return {"jobs": out, "next": rows[-1][0] if len(rows) == limit else None}
+
+    @app.get("/v1/jobs/{job_id}/preview", tags=["beyond BFL"], response_class=Response)
+    def live_preview(request: Request, job_id: str):
+        """The latest per-step thumbnail of a running job (PNG; 404 before the first step)."""
+        key = svc.authenticate(request)
+        if svc.owned(job_id, key) is None:
+            return JSONResponse({"id": job_id, "status": "Task not found"}, 404)
+        data = svc.store.preview(job_id, LIVE_PREVIEW)
+        if data is None:
+            raise ApiError(404, "no preview yet: the job has not finished a denoising step")
+        return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    @app.get("/v1/loras", tags=["beyond BFL"])
+    def loras():
+        """LoRAs callers may name in `loras` (the operator's --lora-dir)."""
+        return {"data": [{"name": n} for n in list_loras(cfg.lora_dir)]}
+
+    @app.get("/v1/studio", tags=["beyond BFL"])
+    def studio_config():
+        """What the studio page needs to build its form."""
+        return {
+            "models": [
+                {
+                    "id": s.name,
+                    "aliases": list(s.aliases),
+                    "default_size": list(s.spec.default_size),
+                    "default_steps": s.spec.default_steps,
+                    "default_guidance": s.spec.default_guidance,
+                    "guidance_mode": s.spec.guidance_mode,
+                    "max_references": s.spec.max_references,
+                }
+                for s in svc.served
+            ],
+            "loras": list_loras(cfg.lora_dir),
+            "upsampling": bool(cfg.upsampler),
+            "auth": svc.auth_required(),
+            "max_mp": cfg.max_mp,
+        }
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/v1/results/{job_id}", tags=["BFL"], response_class=Response)
     def sample(job_id: str, exp: int, sig: str):
@@ -578,6 +670,32 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
             except InputError as e:
                 raise ApiError(422, str(e), e.field) from None
             images.append(("image", data))
+        mask = None
+        if body.mask_image:
+            if not opened:
+                raise ApiError(422, "mask_image needs input_image (the image to inpaint)", "mask_image")
+            try:
+                data = await asyncio.to_thread(
+                    decode_image_field, body.mask_image, "mask_image", cfg.allow_url_prefixes
+                )
+                mask = await asyncio.to_thread(_open_mask, data)
+            except InputError as e:
+                raise ApiError(422, str(e), "mask_image") from None
+            images.append(("mask", _png(mask)))
+        if body.prompt_upsampling and not cfg.upsampler:
+            raise ApiError(
+                422,
+                "prompt_upsampling is not configured on this server (the operator starts it with "
+                "--upsampler FOLDER); send prompt_upsampling: false",
+                "prompt_upsampling",
+            )
+        loras = []
+        for i, choice in enumerate(body.loras):
+            try:
+                lora_path(cfg.lora_dir, choice.name)
+            except ValueError as e:
+                raise ApiError(422, str(e), f"loras.{i}.name") from None
+            loras.append({"name": choice.name, "scale": choice.scale})
         if body.webhook_url:
             try:
                 await asyncio.to_thread(
@@ -598,7 +716,13 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
             seed=_draw_seed(body.seed),
             output_format=body.output_format,
             safety_tolerance=body.safety_tolerance,
-            extra={"endpoint": model, "prompt_upsampling": body.prompt_upsampling},
+            mask=mask,
+            extra={
+                "endpoint": model,
+                "prompt_upsampling": body.prompt_upsampling,
+                **({"loras": loras} if loras else {}),
+                **({"mask": True} if mask is not None else {}),
+            },
         )
         if body.webhook_url:
             spec.update(webhook_url=body.webhook_url, webhook_secret=body.webhook_secret)

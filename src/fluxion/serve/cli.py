@@ -3,6 +3,7 @@
 fluxion serve                                   fluxion-tiny on the CPU, SQLite, API + worker, 127.0.0.1:8000
 fluxion serve --model klein=FLUX.2-klein-4B/ --db postgresql://u:p@db/fluxion --role api --host 0.0.0.0
 fluxion serve --model klein=FLUX.2-klein-4B/ --db postgresql://u:p@db/fluxion --role worker
+fluxion serve --model FLUX.2-dev/ --role text-encoder --port 8001     (then: --text http://host:8001)
 fluxion keys create --name studio [--credits 1000]      (the key is printed once)
 fluxion keys list | fluxion keys revoke ID
 """
@@ -59,9 +60,10 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument(
         "--role",
-        choices=["all", "api", "worker"],
+        choices=["all", "api", "worker", "text-encoder"],
         default=d.role,
-        help="all: API + worker in this process; api / worker: one part (share one --db)",
+        help="all: API + worker in this process; api / worker: one part (share one --db); "
+        "text-encoder: only the --model's text encoder, for other processes' --text URL",
     )
     p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
@@ -97,6 +99,25 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocklist", help="moderation terms, one per line (term<TAB>max_tolerance)")
     p.add_argument("--metrics-port", type=int, help="--role worker: serve Prometheus metrics on this port")
     p.add_argument("--worker-id", help="this worker's name in the job store (default: host:pid:random)")
+    p.add_argument(
+        "--no-watermark", action="store_true", help="do not embed the invisible watermark in served images"
+    )
+    p.add_argument(
+        "--no-live-previews",
+        action="store_true",
+        help="do not store a per-step thumbnail of running jobs (the page then shows progress only)",
+    )
+    p.add_argument("--c2pa-cert", help="PEM certificate chain: sign a C2PA manifest into every image")
+    p.add_argument("--c2pa-key", help="the PEM private key of --c2pa-cert")
+    p.add_argument(
+        "--nsfw",
+        action="store_true",
+        help="check output images with nudenet (pip install 'fluxion[nsfw]'; its weights are AGPL-3.0)",
+    )
+    p.add_argument("--lora-dir", help="folder of *.safetensors LoRAs callers may name per request")
+    p.add_argument("--upsampler", help="transformers folder of a chat LLM for prompt_upsampling")
+    p.add_argument("--text", help="http(s) URL of a `fluxion serve --role text-encoder` to encode prompts")
+    p.add_argument("--prompt-cache", help="folder of cached prompt embeddings in front of the text encoder")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -120,6 +141,10 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
             raise ValueError(f"{flag} must be at least 1, got {v}")
     if not a.max_mp > 0 or not a.lease > 0:
         raise ValueError("--max-mp and --lease must be positive")
+    if bool(a.c2pa_cert) != bool(a.c2pa_key):
+        raise ValueError("give both --c2pa-cert and --c2pa-key (a certificate chain and its private key)")
+    if a.text and not a.text.startswith(("http://", "https://")):
+        raise ValueError(f"--text {a.text!r}: give the http(s) URL of a `fluxion serve --role text-encoder`")
     return ServeConfig(
         models=tuple(models),
         preset=a.preset,
@@ -144,6 +169,15 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
         blocklist=a.blocklist,
         metrics_port=a.metrics_port,
         worker_id=a.worker_id,
+        watermark=not a.no_watermark,
+        live_previews=not a.no_live_previews,
+        c2pa_cert=a.c2pa_cert,
+        c2pa_key=a.c2pa_key,
+        nsfw=a.nsfw,
+        lora_dir=a.lora_dir,
+        upsampler=a.upsampler,
+        text=a.text,
+        prompt_cache=a.prompt_cache,
     )
 
 
@@ -171,9 +205,16 @@ def _serve(cfg: ServeConfig) -> int:
         return run_worker(cfg)
     import uvicorn
 
-    from fluxion.serve.app import create_app
+    if cfg.role == "text-encoder":
+        from fluxion.serve.config import served_models
+        from fluxion.serve.engine import load_text_only
+        from fluxion.serve.text_encoder import create_text_encoder_app
 
-    app = create_app(cfg)
+        app = create_text_encoder_app(load_text_only(cfg, served_models(cfg)))
+    else:
+        from fluxion.serve.app import create_app
+
+        app = create_app(cfg)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
 
@@ -181,7 +222,7 @@ def _serve(cfg: ServeConfig) -> int:
 def run_worker(cfg: ServeConfig) -> int:
     from fluxion.serve.config import served_models
     from fluxion.serve.engine import Metrics, Worker, load_served
-    from fluxion.serve.moderation import Blocklist
+    from fluxion.serve.moderation import build_moderator
     from fluxion.serve.store import Store
 
     store = Store(cfg.db)
@@ -191,7 +232,7 @@ def run_worker(cfg: ServeConfig) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(cfg.metrics_port, registry=metrics.registry)
-    worker = Worker(cfg, store, load_served(cfg, served), Blocklist.load(cfg.blocklist), metrics)
+    worker = Worker(cfg, store, load_served(cfg, served), build_moderator(cfg.blocklist, cfg.nsfw), metrics)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())  # finish the current batch, then exit

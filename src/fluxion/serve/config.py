@@ -47,6 +47,16 @@ class ServeConfig:
     sync_timeout_s: float = 600.0  # OpenAI (synchronous) requests wait at most this long
     metrics_port: int | None = None  # --role worker: serve its /metrics here
     worker_id: str | None = None
+    # The studio (issue 12): provenance, moderation, LoRAs, upsampling, a remote text encoder.
+    watermark: bool = True  # invisible watermark on every served image (fluxion.provenance)
+    live_previews: bool = True  # a thumbnail per step (<= 4/s) in the store for the page / the event stream
+    c2pa_cert: str | None = None  # PEM certificate chain: sign a C2PA manifest into every image
+    c2pa_key: str | None = None  # its PEM private key
+    nsfw: bool = False  # run the optional NSFW image classifier (extra [nsfw]: nudenet, AGPL weights)
+    lora_dir: str | None = None  # per-request LoRAs: *.safetensors files in this folder, by file stem
+    upsampler: str | None = None  # transformers folder of a chat LLM for prompt_upsampling (None: refused)
+    text: str | None = None  # http(s) URL of a `fluxion serve --role text-encoder` (None: load it here)
+    prompt_cache: str | None = None  # folder of cached prompt embeddings in front of the text encoder
 
     @property
     def base_url(self) -> str:

@@ -23,6 +23,13 @@ def _prompt(v: str) -> str:
     return v
 
 
+class LoRAChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str = Field(min_length=1, max_length=200, description="a name from GET /v1/loras")
+    scale: float = Field(1.0, ge=-4.0, le=4.0)
+
+
 class BFLRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -44,7 +51,19 @@ class BFLRequest(BaseModel):
     guidance: float | None = Field(None, ge=0.0, le=20.0)
     safety_tolerance: int = Field(2, ge=0, le=5, description="0 strictest .. 5 least strict")
     output_format: Literal["jpeg", "png", "webp"] = "jpeg"
-    prompt_upsampling: bool = Field(False, description="accepted for compatibility; no upsampler is run")
+    prompt_upsampling: bool = Field(
+        False,
+        description="rewrite the prompt with the operator's local LLM first (422 when none is configured); "
+        "the result reports both prompts",
+    )
+    mask_image: str | None = Field(
+        None,
+        description="fluxion extension: inpaint input_image where this mask is white (or transparent); "
+        "same size as input_image",
+    )
+    loras: list[LoRAChoice] = Field(
+        default_factory=list, max_length=8, description="fluxion extension: LoRAs from GET /v1/loras"
+    )
     webhook_url: str | None = Field(None, min_length=1, max_length=2083)
     webhook_secret: str | None = Field(None, max_length=512)
 
@@ -76,7 +95,10 @@ class AsyncWebhookResponse(BaseModel):
 class SampleResult(BaseModel):
     sample: str = Field(description="signed URL of the image; expires (BFL: 10 minutes)")
     seed: int
-    prompt: str
+    prompt: str = Field(description="the prompt the image was made from (after upsampling, if asked for)")
+    prompt_original: str | None = Field(
+        None, description="the caller's prompt, when prompt_upsampling rewrote it"
+    )
     start_time: float | None
     end_time: float | None
     duration: float | None

@@ -313,6 +313,17 @@ class Store:
                 sa.select(previews.c.data).where(previews.c.job_id == job_id, previews.c.idx == idx)
             ).scalar()
 
+    def list_jobs(
+        self, key_id: str | None, limit: int = 50, before: int | None = None
+    ) -> list[tuple[int, Job]]:
+        """One caller's jobs, newest first, as (seq, job): `before` (a seq) pages further back."""
+        q = sa.select(jobs).where(jobs.c.key_id.is_(None) if key_id is None else jobs.c.key_id == key_id)
+        if before is not None:
+            q = q.where(jobs.c.seq < before)
+        with self.engine.begin() as c:
+            rows = c.execute(q.order_by(jobs.c.seq.desc()).limit(limit)).all()
+        return [(r.seq, Job.from_row(r)) for r in rows]
+
     def counts(self) -> dict[str, int]:
         """Jobs by status (for /metrics)."""
         with self.engine.begin() as c:

@@ -45,7 +45,10 @@ def _folders_digest(model_dir: Path, tok_dir: Path) -> str:
 
 
 def encoder_identity(encoder: TextEncoder) -> str:
-    """A stable string for an encoder loaded from disk (see the module docstring for what goes in)."""
+    """A stable string for an encoder loaded from disk (see the module docstring for what goes in). A remote
+    encoder (text/remote.py) carries the identity its server computed this way."""
+    if isinstance(getattr(encoder, "identity", None), str):
+        return encoder.identity
     if encoder.sources is None:
         raise ValueError("this encoder was not loaded from a folder: give PromptCache an explicit identity")
     cfg = json.dumps(dataclasses.asdict(encoder.cfg), sort_keys=True)

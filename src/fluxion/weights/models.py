@@ -210,6 +210,7 @@ def load_models(
     compile, CUDA graphs, block offload); vae_accel: `VAEAccelOptions`. offload: "model" keeps VAE and text
     encoder on the CPU between uses; "blocks" also streams the transformer's blocks from pinned host memory.
     tile_decode: None decodes tiled only when the image would not fit (see `Models.should_tile`).
+    text may also be the http(s) URL of a remote text encoder (text/remote.py).
     loras: (file, scale) pairs merged into the transformer's weights before the fast paths run (quantized layers
     take no adapters, and fp8 / int8 then quantize the merged weights: no per-step LoRA cost).
     Bad combinations raise ValueError before any weight is read."""
@@ -218,6 +219,9 @@ def load_models(
     from fluxion.weights.load import bundle_components, load_transformer
 
     # 1. everything that can be refused without reading weights
+    remote_text = str(text) if str(text).startswith(("http://", "https://")) else None
+    if remote_text is not None:
+        text = None  # the spec comes from the checkpoint; the served encoder is checked against it
     device = _device(device)
     mode = _offload_mode(offload)
     if mode == "blocks" or (accel is not None and accel.offload):
@@ -264,7 +268,7 @@ def load_models(
             raise ValueError(
                 f"{path} is a single transformer file: pass the autoencoder with --vae ae.safetensors"
             )
-        if text_path is None and spec.text.kind != "minilm":
+        if text_path is None and remote_text is None and spec.text.kind != "minilm":
             raise ValueError(f"{path} is a single transformer file: pass the text-encoder folder with --text")
 
     # 2. weights
@@ -277,9 +281,15 @@ def load_models(
     ae = load_vae(vae_path, spec.vae, vae_decoder, device=home)
     if ae.cfg != spec.vae:  # the VAE file is what it is (e.g. the small decoder under a released preset)
         spec = dataclasses.replace(spec, vae=ae.cfg)
-    encoder = load_text_encoder(
-        text_path, spec.text, device=home, dtype=dtype if device.type == "cuda" else torch.float32
-    )
+    if remote_text is not None:
+        # A text encoder served by another process (`fluxion serve --role text-encoder`): nothing loaded here.
+        from fluxion.text.remote import RemoteTextEncoder
+
+        encoder = RemoteTextEncoder(remote_text, spec.text)
+    else:
+        encoder = load_text_encoder(
+            text_path, spec.text, device=home, dtype=dtype if device.type == "cuda" else torch.float32
+        )
 
     if loras:
         from fluxion.lora import load_lora, merge_lora, remove_lora

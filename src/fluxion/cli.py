@@ -301,6 +301,12 @@ def data_main(args: argparse.Namespace) -> int:
     return tinyset_main(args.args)
 
 
+def curate_main(args: argparse.Namespace) -> int:
+    from fluxion.curate.cli import curate_main as run_curate
+
+    return run_curate(args.args[1:] if args.args[:1] == ["--"] else args.args)
+
+
 def eval_main(args: argparse.Namespace) -> int:
     from fluxion.evaluate import main as evaluate_main
 
@@ -560,6 +566,11 @@ COMMANDS: dict[str, Command] = {
                 help="fetch DEST | build SOURCES OUT [options]; see --help of each",
             )
         ],
+    ),
+    "curate": Command(
+        curate_main,
+        "curate raw images into training shards from a TOML recipe: filters, dedup, captions, report",
+        [opt("args", nargs=argparse.REMAINDER, help="RECIPE.toml [options]; see `fluxion curate -- --help`")],
     ),
     "eval": Command(
         eval_main,

@@ -3,14 +3,17 @@
 Candidates come from LSH by hash bands: each hash is cut into `bands` equal bit ranges and two images are a
 candidate pair when one range is bit-identical. By the pigeonhole principle a pair whose Hamming distance is below
 the number of bands always shares a band, so recall is guaranteed up to distance `bands - 1` and probabilistic
-beyond. Each candidate is verified on the full hashes (pHash distance <= phash_threshold and/or PDQ distance <=
+beyond. pHash bands are also probed with every one-bit flip (multi-probe), which guarantees distance
+`2 * bands - 1` (7 bits with the default 4 x 16-bit bands). Band width sets the cost: with b-bit bands a random
+pair collides with probability 2^-b per band, so candidates ~ n^2 / 2 * bands * probes / 2^b; at 1e9 images use
+32-bit PDQ bands and treat pHash probes as the budget knob. Each candidate is verified on the full hashes (pHash distance <= phash_threshold and/or PDQ distance <=
 pdq_threshold), verified pairs are joined into clusters (union-find), and each cluster keeps its best copy by the
 quality rule: most pixels, then sharpest, then least blocky, then the smallest key (deterministic).
 
 Optionally, semantic dedup: k-means on stored embeddings, then pairs above a cosine threshold inside a cluster.
 
 Cost: sorting n band values per band, plus the candidate pairs. A bucket larger than `max_bucket` (degenerate
-hashes: flat or blank images) is linked as a star through its first member rather than all its pairs.
+hashes: flat or blank images) is cut to its first members (they still join one cluster through them).
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ import numpy as np
 
 @dataclass(frozen=True)
 class DedupConfig:
-    phash_threshold: int = 8  # of 64 bits
-    phash_bands: int = 8  # 8-bit bands: every pair at distance <= 7 is a candidate
+    phash_threshold: int = 10  # of 64 bits
+    phash_bands: int = (
+        4  # 16-bit bands, probed with every 1-bit flip: every pair at distance <= 7 is a candidate
+    )
+    phash_probe: bool = True
     pdq_threshold: int = (
         31  # of 256 bits (Meta's suggested match threshold); PDQ is not crop-robust (a 4% crop: 46-64)
     )
-    pdq_bands: int = 16  # 16-bit bands: every pair at distance <= 15 is a candidate
+    pdq_bands: int = 8  # 32-bit bands, exact: every pair at distance <= 7 is a candidate
     require: str = (
         "any"  # "any": either hash's threshold makes a pair (pHash catches crops); "both": stricter
     )
@@ -81,21 +87,24 @@ def band_values(words: np.ndarray, bands: int) -> list[np.ndarray]:
     return out
 
 
-def candidate_pairs(bands: list[np.ndarray], max_bucket: int) -> np.ndarray:
-    """All (i, j), i < j, sharing at least one band value: int64 [p, 2], unique."""
+def candidate_pairs(bands: list[np.ndarray], max_bucket: int, probe_width: int = 0) -> np.ndarray:
+    """All (i, j), i < j, whose values in some band are equal (or, with `probe_width` > 0, differ in one of the
+    band's `probe_width` low bits: multi-probe LSH, which doubles the guaranteed distance for `width + 1` times
+    the lookups). int64 [p, 2], unique. Lookups are sorted-array joins (searchsorted), never all pairs; a bucket
+    larger than `max_bucket` is cut to its first `max_bucket` members."""
     found = []
     for values in bands:
         order = np.argsort(values, kind="stable")
         v = values[order]
-        starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
-        sizes = np.diff(np.r_[starts, len(v)])
-        for s, size in zip(starts[sizes > 1], sizes[sizes > 1]):
-            members = order[s : s + size]
-            if size > max_bucket:  # degenerate bucket: a star through the first member
-                found.append(np.stack([np.full(size - 1, members[0]), members[1:]], 1))
-            else:
-                i, j = np.triu_indices(size, 1)
-                found.append(np.stack([members[i], members[j]], 1))
+        for flip in [0] + [1 << b for b in range(probe_width)]:
+            q = values ^ np.uint64(flip)
+            lo = np.searchsorted(v, q, "left")
+            counts = np.minimum(np.searchsorted(v, q, "right") - lo, max_bucket)
+            rows = np.repeat(np.arange(len(values)), counts)
+            offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            cols = order[np.repeat(lo, counts) + offsets]
+            keep = rows != cols
+            found.append(np.stack([rows[keep], cols[keep]], 1))
     if not found:
         return np.zeros((0, 2), np.int64)
     pairs = np.sort(np.concatenate(found), axis=1)
@@ -129,10 +138,11 @@ def dedup(
     caller as a position in the preferred order); embeddings float32 [n, d] for semantic dedup."""
     n = len(phash)
     p64 = phash.astype(np.int64).view(np.uint64)[:, None]
-    bands = band_values(p64, cfg.phash_bands)
+    probe = 64 // cfg.phash_bands if cfg.phash_probe else 0
+    found = [candidate_pairs(band_values(p64, cfg.phash_bands), cfg.max_bucket, probe)]
     if pdq is not None:
-        bands += band_values(pdq, cfg.pdq_bands)
-    cand = candidate_pairs(bands, cfg.max_bucket)
+        found.append(candidate_pairs(band_values(pdq, cfg.pdq_bands), cfg.max_bucket))
+    cand = np.unique(np.concatenate(found), axis=0)
     ok_p = hamming(p64[cand[:, 0], 0], p64[cand[:, 1], 0]) <= cfg.phash_threshold
     if pdq is not None:
         ok_q = hamming(pdq[cand[:, 0]], pdq[cand[:, 1]]) <= cfg.pdq_threshold

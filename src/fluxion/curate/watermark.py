@@ -84,7 +84,7 @@ class Synth:
     photos: list[np.ndarray]
     fonts: tuple[str, ...]
     rng: np.random.Generator
-    side: int = 256  # generated images are this size; the classifier resizes them
+    side: int = 192  # generated images are this size; the classifier resizes them
 
     def font(self, size: int) -> ImageFont.FreeTypeFont:
         return ImageFont.truetype(str(FONT_DIR / self.fonts[self.rng.integers(len(self.fonts))]), size)
@@ -115,9 +115,9 @@ class Synth:
         if r.random() < 0.5:  # opaque sign-like text on a panel: a hard negative
             panel = tuple(int(v) for v in r.integers(0, 256, 3))
             ink = tuple(255 - v for v in panel)
-            y = int(r.integers(0, s - 60))
-            d.rectangle((10, y, s - 10, y + 50), fill=panel)
-            d.text((18, y + 8), " ".join(r.choice(WORDS, 2)).upper(), fill=ink, font=self.font(28))
+            y = int(r.integers(0, s - 50))
+            d.rectangle((8, y, s - 8, y + 40), fill=panel)
+            d.text((14, y + 6), " ".join(r.choice(WORDS, 2)).upper(), fill=ink, font=self.font(28))
         return im
 
     def watermark(self, im: Image.Image) -> Image.Image:
@@ -125,12 +125,12 @@ class Synth:
         layer = Image.new("RGBA", im.size, (0, 0, 0, 0))
         d = ImageDraw.Draw(layer)
         shade = 255 if r.random() < 0.6 else int(r.integers(0, 80))
-        alpha = int(r.integers(60, 170))
+        alpha = int(r.integers(80, 190))  # 0.3-0.75 opacity: visible, as stock-photo marks are
         color = (shade, shade, shade, alpha)
         text = ("© " if r.random() < 0.5 else "") + " ".join(r.choice(WORDS, int(r.integers(1, 3))))
         kind = r.integers(4)
         if kind == 0:  # tiled diagonal text
-            size = int(r.integers(14, 30))
+            size = int(r.integers(16, 30))
             tile = Image.new("RGBA", (s * 2, s * 2), (0, 0, 0, 0))
             td = ImageDraw.Draw(tile)
             step = int(size * r.uniform(2.5, 4.5))
@@ -141,16 +141,16 @@ class Synth:
             tile = tile.rotate(float(r.uniform(20, 50)), resample=Image.BILINEAR)
             layer = tile.crop((s // 2, s // 2, s // 2 + s, s // 2 + s))
         elif kind == 1:  # one large centred word
-            size = int(r.integers(30, 60))
+            size = int(r.integers(24, 48))
             font = self.font(size)
             w = d.textlength(text, font=font)
-            d.text(((s - w) / 2, (s - size) / 2 + r.integers(-40, 40)), text, fill=color, font=font)
+            d.text(((s - w) / 2, (s - size) / 2 + r.integers(-30, 30)), text, fill=color, font=font)
         elif kind == 2:  # logo badge
-            cx, cy, rad = r.integers(50, s - 50), r.integers(50, s - 50), int(r.integers(25, 50))
+            cx, cy, rad = r.integers(50, s - 50), r.integers(50, s - 50), int(r.integers(25, 45))
             d.ellipse((cx - rad, cy - rad, cx + rad, cy + rad), outline=color, width=int(r.integers(2, 6)))
             d.text((cx - rad * 0.8, cy - 8), text[:8], fill=color, font=self.font(16))
         else:  # small corner line
-            size = int(r.integers(12, 22))
+            size = int(r.integers(14, 24))
             x = 6 if r.random() < 0.5 else s - int(d.textlength(text, font=self.font(size))) - 6
             y = 6 if r.random() < 0.5 else s - size - 8
             d.text((x, y), text, fill=(shade, shade, shade, min(255, alpha + 60)), font=self.font(size))
@@ -209,7 +209,15 @@ def make_pool(synth: Synth, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor([float(p[1]) for p in pairs])
 
 
-def train(out: Path, steps: int = 3000, batch: int = 32, pool: int = 4000, seed: int = 0, log=print) -> dict:
+def train(
+    out: Path,
+    steps: int = 3000,
+    batch: int = 32,
+    pool: int = 4000,
+    seed: int = 0,
+    lr: float = 2e-3,
+    log=print,
+) -> dict:
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
@@ -219,11 +227,11 @@ def train(out: Path, steps: int = 3000, batch: int = 32, pool: int = 4000, seed:
     xs, ys = make_pool(synth, pool)
     log(f"drew {pool} training images in {time.time() - start:.0f} s")
     model = WatermarkNet()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         idx = torch.randint(0, pool, (batch,), generator=gen)
         x = xs[idx].float() / 255.0
         flip = torch.rand(batch, generator=gen) < 0.5  # mirrored text is still a watermark

@@ -308,6 +308,7 @@ def test_url_list_downloads_from_a_local_server(tmp_path):
 @pytest.mark.slow
 def test_ray_executor_matches_local(planted, tmp_path):
     """The same recipe on Ray Data (a local instance, 2 CPUs) makes the same decisions as the in-process run."""
+    pytest.importorskip("ray")
     root, _, _, local = planted
     recipe = write_recipe(tmp_path / "r.toml", root / "raw", tmp_path / "out", shard_size=16)
     cfg = load_recipe(recipe, executor="ray", num_cpus=2)
@@ -320,3 +321,30 @@ def test_ray_executor_matches_local(planted, tmp_path):
         k: (r["dropped_by"], r["reason"]) for k, r in local.items()
     }
     assert stats["executor"] == "ray" and stats["throughput"]["decode"]["images"] == len(local)
+
+
+@pytest.mark.slow
+def test_fluxion_train_steps_on_curated_shards(planted, tmp_path, monkeypatch):
+    """`fluxion train` (the library entry) takes the curated output folder as its data and trains on it."""
+    from fluxion.config import PRESETS
+    from fluxion.train.train import TrainConfig, main
+    from train_fixtures import TRAIN_SPEC, build_components
+
+    monkeypatch.setitem(PRESETS, TRAIN_SPEC.name, TRAIN_SPEC)
+    root, *_ = planted
+    (tmp_path / "parts").mkdir()
+    parts = build_components(tmp_path / "parts")
+    cfg = TrainConfig(
+        model=TRAIN_SPEC.name,
+        data=(str(root / "out"),),
+        out=str(tmp_path / "run"),
+        vae=parts["vae"],
+        text=parts["text"],
+        steps=3,
+        batch_size=2,
+        pixels=32 * 32,
+        log_every=1,
+        seed=0,
+    )
+    result = main(cfg)
+    assert len(result["losses"]) == 3 and all(loss == loss for loss in result["losses"])

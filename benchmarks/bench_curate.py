@@ -97,7 +97,7 @@ def recipe(args, data: Path, out: Path, n_limit: int = 0, ocr: bool = False) -> 
     else:
         lines += ["[dedup]", "[watermark]", f'device = "{args.watermark_device}"']
         if args.watermark_device == "cuda":
-            lines.append("num_gpus = 0.5")
+            lines.append(f"num_gpus = {1 / args.actors:.4f}")  # the actor pool shares one GPU
             lines.append("batch_size = 256")
     return "\n".join(lines) + "\n"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from fluxion.curate.watermark import Synth, sklearn_photos
+from fluxion.curate.watermark import HELD_OUT_REGION, Synth, sklearn_photos
 
 FONTS = (
     "DejaVuSansMono-Bold.ttf",
@@ -160,9 +160,9 @@ def make_planted(
         dark = Image.fromarray((np.asarray(base_image(rng), np.float32) * 0.02).astype(np.uint8))
         put(f"dark{i}", png(dark), ".png")
         truth.dark.append(f"dark{i}")
-    # Watermarks on photo crops (held-out fonts); the same number of clean crops as negatives.
+    # Watermarks (fonts and photo regions the classifier never saw); the same number of clean images as negatives.
     if n_marked:
-        synth = Synth(sklearn_photos(("flower.jpg",)), FONTS, np.random.default_rng(seed + 100))
+        synth = Synth(sklearn_photos(), FONTS, np.random.default_rng(seed + 100), HELD_OUT_REGION)
         for i in range(2 * n_marked):
             im = synth.background()
             key = f"{'wm' if i % 2 == 0 else 'clean'}{i:03d}"

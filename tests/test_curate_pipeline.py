@@ -348,3 +348,16 @@ def test_fluxion_train_steps_on_curated_shards(planted, tmp_path, monkeypatch):
     )
     result = main(cfg)
     assert len(result["losses"]) == 3 and all(loss == loss for loss in result["losses"])
+
+
+def test_semantic_dedup_joins_pairs_the_hashes_miss():
+    """Two images with unrelated hashes but (nearly) the same embedding are one cluster when semantic dedup is on."""
+    rng = np.random.default_rng(0)
+    n = 50
+    phash = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
+    emb = rng.normal(size=(n, 16)).astype(np.float32)
+    emb[7] = emb[3] + 0.01 * rng.normal(size=16).astype(np.float32)
+    off = dedup(DedupConfig(), phash, None, np.arange(n), emb)
+    on = dedup(DedupConfig(semantic_threshold=0.99), phash, None, np.arange(n), emb)
+    assert off.keep.all()
+    assert on.pairs.tolist() == [[3, 7]] and not on.keep[7] and on.cluster[7] == 3

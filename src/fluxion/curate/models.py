@@ -1,7 +1,8 @@
 """Stages that run a model: the watermark classifier, score heads on image embeddings, and VLM captioning.
 
 Each loads its weights in `setup()` (once per Ray actor), runs batched, and takes `device` from its config so a
-GPU stage is the same code with `device = "cuda"` and `num_gpus` set in the recipe.
+GPU stage is the same code with `device = "cuda"` and `num_gpus` set in the recipe. torch is imported inside the
+stages: a recipe without model stages never pays for it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fluxion.curate.stages import Stage, drop, rgb
 
@@ -39,15 +39,18 @@ class Watermark(Stage):
 
         self.model = load_classifier(self.cfg.weights or ASSET).to(self.cfg.device)
 
-    @torch.no_grad()
     def process(self, rows: list[dict]) -> None:
+        import torch
+
         from fluxion.curate.watermark import to_input
 
         bs = self.cfg.batch_size
         for s in range(0, len(rows), bs):
             chunk = rows[s : s + bs]
             x = to_input([rgb(r) for r in chunk]).to(self.cfg.device)
-            for row, p in zip(chunk, torch.sigmoid(self.model(x)).float().cpu().tolist()):
+            with torch.no_grad():
+                probs = torch.sigmoid(self.model(x)).float().cpu().tolist()
+            for row, p in zip(chunk, probs):
                 row["watermark"] = p
                 if p >= self.cfg.threshold:
                     drop(row, self.name, f"watermark: p={p:.2f} >= {self.cfg.threshold}")
@@ -84,7 +87,8 @@ class ScoresConfig:
     num_gpus: float = 0.0
 
 
-def load_head(path: str | Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def load_head(path: str | Path) -> list:
+    """[(weight, bias)] float32 tensors of each layer."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -131,19 +135,23 @@ class Scores(Stage):
             model, _, preprocess = open_clip.create_model_and_transforms(c.model, pretrained=c.pretrained)
             self.clip, self.preprocess = model.to(c.device).eval(), preprocess
 
-    def embed(self, rows: list[dict]) -> torch.Tensor:
+    def embed(self, rows: list[dict]):
+        import torch
+
         if self.cfg.embedder == "thumbnail":
             arr = np.stack([np.asarray(rgb(r).resize((8, 8), 2), np.float32).ravel() / 255.0 for r in rows])
             return torch.from_numpy(arr - arr.mean(1, keepdims=True)).to(self.cfg.device)
         x = torch.stack([self.preprocess(rgb(r)) for r in rows]).to(self.cfg.device)
         return self.clip.encode_image(x).float()
 
-    @torch.no_grad()
     def process(self, rows: list[dict]) -> None:
+        import torch
+
         bs = self.cfg.batch_size
         for s in range(0, len(rows), bs):
             chunk = rows[s : s + bs]
-            emb = self.embed(chunk)
+            with torch.no_grad():
+                emb = self.embed(chunk)
             if self.cfg.keep_embedding:
                 for row, e in zip(chunk, emb.cpu().numpy().astype(np.float32)):
                     row["embedding"] = e.tobytes()
@@ -201,6 +209,7 @@ class Caption(Stage):
         self.num_gpus = cfg.num_gpus
 
     def setup(self) -> None:
+        import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         c = self.cfg
@@ -225,12 +234,14 @@ class Caption(Stage):
                 im = im.copy()
                 im.thumbnail((c.max_side, c.max_side))
             images.append(im)
+        import torch
+
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(c.device)
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1] :]
         return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
 
-    @torch.no_grad()
     def process(self, rows: list[dict]) -> None:
         c = self.cfg
         for s in range(0, len(rows), c.batch_size):

@@ -124,7 +124,7 @@ class Decode(Stage):
             if reason:
                 drop(row, self.name, reason)
                 row["image"] = b""
-            else:
+            if "_rgb" in row:  # decoded (kept, or dropped for size / aspect): a thumbnail for the report
                 im = row["_rgb"].copy()
                 im.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.BILINEAR)
                 buf = io.BytesIO()
@@ -160,7 +160,7 @@ class Decode(Stage):
         if im.mode != "RGB":
             im, changed = _to_rgb8(im), True
         w, h = im.size
-        row["width"], row["height"], row["normalised"] = w, h, changed
+        row["width"], row["height"], row["normalised"], row["_rgb"] = w, h, changed, im
         if min(w, h) < cfg.min_side:
             return f"too small: {w}x{h} < {cfg.min_side}"
         if max(w, h) / min(w, h) > cfg.max_aspect:
@@ -169,7 +169,6 @@ class Decode(Stage):
             buf = io.BytesIO()
             im.save(buf, format="PNG")
             row["image"] = buf.getvalue()
-        row["_rgb"] = im
         return ""
 
 

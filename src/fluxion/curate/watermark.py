@@ -1,12 +1,14 @@
 """A small watermark classifier, trained here on synthetic data, shipped in assets/watermark/.
 
 No public watermark detector's weights can be fetched offline (LAION's is an EfficientNet-B3 from GitHub), so we
-make our own task: backgrounds (crops of the two photos scikit-learn ships, and procedural images: gradients,
-shapes, smooth noise, opaque sign-like text) with or without an overlaid watermark (semi-transparent text in a
+make our own task: backgrounds (crops of the two photos scikit-learn ships, with shuffled colour channels, and
+procedural images: 1/f noise, smooth noise, shapes, opaque sign-like text) with or without an overlaid watermark (semi-transparent text in a
 corner, centred, or tiled diagonally; a translucent logo badge with text; a copyright line). Opaque text on
 solid panels is a *negative*: typography is wanted data, watermarks are not.
 
-Held-out evaluation uses a disjoint background photo, unseen fonts and a different seed (``evaluate``).
+Held-out evaluation (``evaluate``) uses unseen fonts, another seed and photo crops from the other 40% of each
+photo's width (training sees only the left 60%). A first model trained on one photo and tested on the other
+flagged every crop of the unseen photo: with two photos, any real-photo generalisation claim is unmeasured.
 
     python -m fluxion.curate.watermark train OUT_DIR [--steps N]     # writes watermark.safetensors + metrics
     python -m fluxion.curate.watermark eval WEIGHTS                  # precision / recall on held-out synthetic data
@@ -79,32 +81,61 @@ def to_input(images: list[Image.Image]) -> torch.Tensor:
 # --- synthetic data -----------------------------------------------------------------------------------------------
 @dataclass
 class Synth:
-    """Makes (image, has_watermark) pairs. `photos` are RGB arrays to crop backgrounds from."""
+    """Makes (image, has_watermark) pairs. Photo backgrounds are square crops of `photos` taken inside `region`
+    (a horizontal band of each photo, as fractions of its width) so training and evaluation can use disjoint
+    pixels."""
 
     photos: list[np.ndarray]
     fonts: tuple[str, ...]
     rng: np.random.Generator
+    region: tuple[float, float] = (0.0, 1.0)
     side: int = 192  # generated images are this size; the classifier resizes them
 
     def font(self, size: int) -> ImageFont.FreeTypeFont:
         return ImageFont.truetype(str(FONT_DIR / self.fonts[self.rng.integers(len(self.fonts))]), size)
 
+    def photo_crop(self) -> Image.Image:
+        r, s = self.rng, self.side
+        photo = self.photos[r.integers(len(self.photos))]
+        h, w = photo.shape[:2]
+        x_lo, x_hi = int(self.region[0] * w), int(self.region[1] * w)
+        c = int(r.integers(min(h, x_hi - x_lo) // 4, min(h, x_hi - x_lo)))
+        y, x = r.integers(0, h - c + 1), r.integers(x_lo, x_hi - c + 1)
+        arr = photo[y : y + c, x : x + c][
+            ..., r.permutation(3)
+        ]  # channel shuffle: new colours, same structure
+        im = Image.fromarray(arr).resize((s, s), Image.BILINEAR)
+        if r.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        return Image.fromarray(np.clip(np.asarray(im) * r.uniform(0.6, 1.3), 0, 255).astype(np.uint8))
+
+    def pink_noise(self) -> Image.Image:
+        """1/f noise per channel: the power spectrum of natural images, with no particular content."""
+        r, s = self.rng, self.side
+        f = np.sqrt(np.fft.fftfreq(s)[:, None] ** 2 + np.fft.fftfreq(s)[None, :] ** 2)
+        f[0, 0] = 1.0
+        chans = []
+        for _ in range(3):
+            spec = (r.normal(size=(s, s)) + 1j * r.normal(size=(s, s))) / f ** r.uniform(0.8, 1.4)
+            x = np.fft.ifft2(spec).real
+            chans.append((x - x.mean()) / (x.std() + 1e-8))
+        mix = r.normal(size=(3, 3)) * 0.5 + np.eye(3)  # correlated channels, like photos
+        img = np.tensordot(mix, np.stack(chans), 1).transpose(1, 2, 0) * r.uniform(25, 60) + r.uniform(
+            60, 200, 3
+        )
+        return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
     def background(self) -> Image.Image:
         r, s = self.rng, self.side
-        kind = r.integers(4)
+        kind = r.integers(5)
         if kind <= 1 and self.photos:
-            photo = self.photos[r.integers(len(self.photos))]
-            h, w = photo.shape[:2]
-            c = int(r.integers(min(h, w) // 4, min(h, w)))
-            y, x = r.integers(0, h - c + 1), r.integers(0, w - c + 1)
-            im = Image.fromarray(photo[y : y + c, x : x + c]).resize((s, s), Image.BILINEAR)
-            if r.random() < 0.5:
-                im = im.transpose(Image.FLIP_LEFT_RIGHT)
-            return Image.fromarray(np.clip(np.asarray(im) * r.uniform(0.6, 1.3), 0, 255).astype(np.uint8))
-        if kind == 2:  # smooth noise, bilinear-upsampled
+            return self.photo_crop()
+        if kind == 2:  # smooth noise, bicubic-upsampled
             g = r.integers(2, 12)
             small = (r.random((g, g, 3)) * 255).astype(np.uint8)
             return Image.fromarray(small).resize((s, s), Image.BICUBIC)
+        if kind == 3 or not self.photos:
+            return self.pink_noise()
         im = Image.new("RGB", (s, s), tuple(int(v) for v in r.integers(0, 256, 3)))
         d = ImageDraw.Draw(im)
         for _ in range(r.integers(1, 6)):
@@ -117,7 +148,7 @@ class Synth:
             ink = tuple(255 - v for v in panel)
             y = int(r.integers(0, s - 50))
             d.rectangle((8, y, s - 8, y + 40), fill=panel)
-            d.text((14, y + 6), " ".join(r.choice(WORDS, 2)).upper(), fill=ink, font=self.font(28))
+            d.text((14, y + 6), " ".join(r.choice(WORDS, 2)).upper(), fill=ink, font=self.font(22))
         return im
 
     def watermark(self, im: Image.Image) -> Image.Image:
@@ -172,8 +203,11 @@ def sklearn_photos(which: tuple[str, ...] = ("china.jpg", "flower.jpg")) -> list
     return [np.asarray(Image.open(folder / n).convert("RGB")) for n in which if (folder / n).is_file()]
 
 
+TRAIN_REGION, HELD_OUT_REGION = (0.0, 0.6), (0.6, 1.0)  # of each photo's width: disjoint pixels
+
+
 def held_out_synth(seed: int = 12345) -> Synth:
-    return Synth(sklearn_photos(("flower.jpg",)), HELD_OUT_FONTS, np.random.default_rng(seed))
+    return Synth(sklearn_photos(), HELD_OUT_FONTS, np.random.default_rng(seed), HELD_OUT_REGION)
 
 
 # --- training and evaluation --------------------------------------------------------------------------------------
@@ -222,7 +256,7 @@ def train(
 
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # small convs: one thread beats two fighting over a shared 2-core machine by 9x
-    synth = Synth(sklearn_photos(("china.jpg",)), TRAIN_FONTS, np.random.default_rng(seed))
+    synth = Synth(sklearn_photos(), TRAIN_FONTS, np.random.default_rng(seed), TRAIN_REGION)
     start = time.time()
     xs, ys = make_pool(synth, pool)
     log(f"drew {pool} training images in {time.time() - start:.0f} s")

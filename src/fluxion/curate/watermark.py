@@ -136,13 +136,27 @@ class Synth:
             return Image.fromarray(small).resize((s, s), Image.BICUBIC)
         if kind == 3 or not self.photos:
             return self.pink_noise()
-        im = Image.new("RGB", (s, s), tuple(int(v) for v in r.integers(0, 256, 3)))
+        # Shapes and strokes on a flat, smooth or 1/f background: edges and lines are not watermarks.
+        under = r.integers(3)
+        if under == 0:
+            im = Image.new("RGB", (s, s), tuple(int(v) for v in r.integers(0, 256, 3)))
+        elif under == 1:
+            small = (r.random((int(r.integers(2, 8)),) * 2 + (3,)) * 255).astype(np.uint8)
+            im = Image.fromarray(small).resize((s, s), Image.BICUBIC)
+        else:
+            im = self.pink_noise()
         d = ImageDraw.Draw(im)
-        for _ in range(r.integers(1, 6)):
+        for _ in range(r.integers(1, 8)):
             x0, y0 = r.integers(-s // 4, s, 2)
-            x1, y1 = x0 + r.integers(20, s), y0 + r.integers(20, s)
+            x1, y1 = x0 + r.integers(15, s), y0 + r.integers(15, s)
             fill = tuple(int(v) for v in r.integers(0, 256, 3))
             (d.ellipse if r.random() < 0.5 else d.rectangle)((x0, y0, x1, y1), fill=fill)
+        for _ in range(r.integers(0, 5)):
+            d.line(
+                tuple(int(v) for v in r.integers(0, s, 4)),
+                fill=tuple(int(v) for v in r.integers(0, 256, 3)),
+                width=int(r.integers(1, 6)),
+            )
         if r.random() < 0.5:  # opaque sign-like text on a panel: a hard negative
             panel = tuple(int(v) for v in r.integers(0, 256, 3))
             ink = tuple(255 - v for v in panel)

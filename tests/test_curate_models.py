@@ -66,7 +66,7 @@ def test_score_heads_match_a_numpy_recomputation(tmp_path):
 
 
 def test_watermark_classifier_on_planted_watermarks(tmp_path):
-    """Fonts and photo regions the classifier never saw, saved as JPEG q92. Measured: precision 0.72, recall 0.90
+    """Fonts and photo regions the classifier never saw, saved as JPEG q92. Measured: precision 0.76, recall 0.80
     (80 images); the bounds sit just below, so a worse model fails."""
     truth = make_planted(tmp_path / "raw", n_base=0, n_dups=0, n_marked=40, seed=5)
     keys = truth.watermarked + truth.clean_for_watermark
@@ -77,7 +77,7 @@ def test_watermark_classifier_on_planted_watermarks(tmp_path):
     flagged = {r["key"] for r in rows if r["dropped_by"] == "watermark"}
     p, r = precision_recall(flagged, set(truth.watermarked))
     print(f"watermark: precision {p:.2f} recall {r:.2f} on {len(keys)} planted images")
-    assert p >= 0.65 and r >= 0.8
+    assert p >= 0.7 and r >= 0.75
 
 
 @pytest.mark.slow

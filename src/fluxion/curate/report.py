@@ -141,8 +141,10 @@ def write_report(out: Path, manifest, stats: dict, cfg) -> None:
     score_cols = [c for c in manifest.column_names if c.startswith("score_")]
     for col, title, log in [*HIST_COLUMNS, *[(c, c, False) for c in score_cols]]:
         if col in manifest.column_names:
+            # Missing: NaN for float scores, -1 for integer ones (rows the stage never saw).
+            missing = {None, -1} if col == "pdq_quality" else {None}
             vals = np.array(
-                [np.nan if v is None else v for v in manifest.column(col).to_pylist()], np.float64
+                [np.nan if v in missing else v for v in manifest.column(col).to_pylist()], np.float64
             )
             hists.append(_svg_hist(vals, title, log))
     parts.append(f'<h2>Score histograms</h2><div class="hists">{"".join(hists)}</div>')

@@ -1,9 +1,10 @@
 """`fluxion curate RECIPE.toml [--output DIR] [--executor local|ray] [--limit N]`: the flags override the recipe's
-fields of the same name (fluxion.curate.pipeline.CurateConfig)."""
+fields of the same name (fluxion.curate.pipeline.CurateConfig); RAY_ADDRESS, when set, fills `ray_address`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 
@@ -36,7 +37,12 @@ def curate_main(argv: list[str] | None = None) -> int:
     args = CurateArgs(**vars(parser().parse_args(argv)))
     try:
         cfg = load_recipe(
-            args.recipe, output=args.output, executor=args.executor, limit=args.limit, num_cpus=args.num_cpus
+            args.recipe,
+            output=args.output,
+            executor=args.executor,
+            limit=args.limit,
+            num_cpus=args.num_cpus,
+            ray_address=os.environ.get("RAY_ADDRESS"),  # the same recipe runs on a cluster when this is set
         )
         run(cfg)
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -13,7 +13,7 @@ Phases, each resumable (every output is written to a temporary name and renamed;
 
 Executors run the same stages: `local` in this process (tests, small runs), `ray` on Ray Data (streaming
 `map_batches`; stages holding a model run in actor pools, with `num_gpus` when set). Ray starts a local instance
-with `num_cpus` CPUs unless RAY_ADDRESS names a cluster (Ray reads it itself).
+with `num_cpus` CPUs unless `ray_address` names a cluster (the CLI takes it from RAY_ADDRESS).
 """
 
 from __future__ import annotations
@@ -67,7 +67,10 @@ class CurateConfig:
     urls: str = ""
     shard_size: int = 1000
     executor: str = "local"  # "local" | "ray"
-    num_cpus: int = 2  # Ray's local instance (ignored when RAY_ADDRESS points at a cluster)
+    num_cpus: int = 2  # Ray's local instance (ignored when ray_address is set)
+    ray_address: str = (
+        ""  # a Ray cluster ("auto", "ray://host:10001"); `fluxion curate` fills it from RAY_ADDRESS
+    )
     batch_size: int = 32
     actors: int = 1  # actor-pool size per model stage on Ray
     limit: int = 0  # > 0: only the first `limit` items (trial runs)
@@ -303,7 +306,7 @@ class RayExecutor:
 
         self.stages, self.cfg = stages, cfg
         if not ray.is_initialized():
-            kwargs = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": cfg.num_cpus}
+            kwargs = {"address": cfg.ray_address} if cfg.ray_address else {"num_cpus": cfg.num_cpus}
             ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
 
     def run(self, items_by_shard: dict[int, list[dict]]) -> Iterator[tuple[int, list[dict]]]:

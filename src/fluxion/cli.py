@@ -739,6 +739,12 @@ def _wxh(text: str) -> tuple[int, int]:
         raise ValueError(f"a size is N or WxH, e.g. 128 or 160x96, not {text!r}") from None
 
 
+def curate_main(args: argparse.Namespace) -> int:
+    from fluxion.curate.cli import CurateArgs, run_curate
+
+    return run_curate(CurateArgs(recipe=args.recipe, **given(args, CurateArgs, skip=("recipe",))))
+
+
 def eval_main(args: argparse.Namespace) -> int:
     import json
 
@@ -947,6 +953,15 @@ def _train_lora_options() -> list[Option]:
     ]
 
 
+def _curate_options() -> list[Option]:
+    from fluxion.curate.cli import CurateArgs
+
+    return [
+        opt("recipe", help="a .toml recipe (see README: Curating data)"),
+        *options_from(CurateArgs, skip=("recipe",)),
+    ]
+
+
 def _eval_options() -> list[Option]:
     from fluxion.evaluate.run import EvalConfig
 
@@ -1016,6 +1031,11 @@ COMMANDS: dict[str, Command] = {
             "build": ("build the training set from a sources folder (offline)", _data_build_options),
         },
     ),
+    "curate": Command(
+        curate_main,
+        "curate raw images into training shards from a TOML recipe: filters, dedup, captions, report",
+        _curate_options,
+    ),
     "eval": Command(
         eval_main,
         "evaluate a model (default: the embedded fluxion-tiny): OCR typography, colour, recognisability, "
@@ -1025,7 +1045,7 @@ COMMANDS: dict[str, Command] = {
     "verify": Command(
         verify_main,
         "check an image for the fluxion watermark and a C2PA manifest (exit 1 when neither is found)",
-        [opt("image", help="the image file (PNG, JPEG or WebP)")],
+        lambda: [opt("image", help="the image file (PNG, JPEG or WebP)")],
     ),
     "convert": Command(
         convert_main,

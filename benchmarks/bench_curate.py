@@ -1,0 +1,191 @@
+"""`fluxion curate` at scale on synthetic images: images/s per stage and projected cost per billion images.
+
+    python benchmarks/bench_curate.py --smoke 300 --out bench_out/curate            # this 2-core machine
+    python benchmarks/bench_curate.py --n 100000 --executor ray --num-cpus 16 \
+        --watermark-device cuda --out bench_out/curate                               # the GPU machine (~5 min)
+
+Makes N synthetic 256x256 JPEGs in WebDataset shards (busy random images, 10% near-duplicates of others, 2%
+corrupt), then runs the recipe decode -> quality -> hashes -> watermark classifier -> dedup -> write. OCR is timed
+on a subset (`--ocr-n`) because PP-OCR on a CPU is ~100x slower per image than the other stages. Figures:
+wall-clock images/s end to end, per-stage images/s per worker (from the per-row stage times the pipeline
+records), and the projected worker-hours and cost per 1e9 images at the given prices (assumptions, printed).
+Writes results.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def synth_image(rng: np.random.Generator, side: int = 256) -> Image.Image:
+    small = (rng.random((6, 6, 3)) * 255).astype(np.uint8)
+    im = Image.fromarray(small).resize((side, side), Image.BICUBIC)
+    d = ImageDraw.Draw(im)
+    for _ in range(int(rng.integers(4, 9))):
+        x0, y0 = (int(v) for v in rng.integers(-20, side, 2))
+        box = (x0, y0, x0 + int(rng.integers(20, side // 2)), y0 + int(rng.integers(20, side // 2)))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)(
+            box, fill=tuple(int(v) for v in rng.integers(0, 256, 3))
+        )
+    return im
+
+
+def _jpeg(im: Image.Image, q: int = 90) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=q)
+    return buf.getvalue()
+
+
+def make_shard(job: tuple[Path, int, int, int]) -> int:
+    """Shard `index`: `count` records; every 10th is a downscaled recompressed copy of the one before it."""
+    from fluxion.datasets import Record, write_webdataset
+
+    path, index, count, seed = job
+    rng = np.random.default_rng([seed, index])
+    records, prev = [], None
+    for i in range(count):
+        key = f"{index:05d}_{i:05d}"
+        if i % 10 == 9 and prev is not None:
+            data = _jpeg(prev.resize((192, 192), Image.BILINEAR), 70)
+        elif i % 50 == 25:
+            data = _jpeg(synth_image(rng))[:2000]  # truncated
+        else:
+            prev = synth_image(rng)
+            data = _jpeg(prev)
+        records.append(Record(key, data, f"synthetic image {key}"))
+    return write_webdataset(path / f"{index:05d}.tar", records)
+
+
+def make_data(folder: Path, n: int, per_shard: int, workers: int) -> float:
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [
+        (folder, s, min(per_shard, n - s * per_shard), 0) for s in range((n + per_shard - 1) // per_shard)
+    ]
+    start = time.perf_counter()
+    with multiprocessing.Pool(workers) as pool:
+        made = sum(pool.map(make_shard, jobs))
+    assert made == n
+    return time.perf_counter() - start
+
+
+def recipe(args, data: Path, out: Path, n_limit: int = 0, ocr: bool = False) -> str:
+    lines = [
+        f'input = "{data}"',
+        f'output = "{out}"',
+        f"shard_size = {args.shard_size}",
+        f'executor = "{args.executor}"',
+        f"num_cpus = {args.num_cpus}",
+        f"batch_size = {args.batch_size}",
+        f"actors = {args.actors}",
+    ]
+    if n_limit:
+        lines.append(f"limit = {n_limit}")
+    lines += ["[decode]", "[quality]", "min_contrast = 5.0", "min_sharpness = 5.0"]
+    if ocr:
+        lines += ["[text]", "recognise = false"]
+    else:
+        lines += ["[dedup]", "[watermark]", f'device = "{args.watermark_device}"']
+        if args.watermark_device == "cuda":
+            lines.append(f"num_gpus = {1 / args.actors:.4f}")  # the actor pool shares one GPU
+            lines.append("batch_size = 256")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--smoke", type=int, default=0, help="a small N for a quick run on a laptop / CI machine")
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--actors", type=int, default=1, help="actor-pool size of the model stages on Ray")
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--watermark-device", default="cpu")
+    p.add_argument("--ocr-n", type=int, default=200, help="images for the OCR timing (0: skip)")
+    p.add_argument("--cpu-hour-usd", type=float, default=0.04, help="price of one vCPU-hour (assumption)")
+    p.add_argument("--gpu-hour-usd", type=float, default=2.5, help="price of one GPU-hour (assumption)")
+    p.add_argument("--out", type=Path, default=Path("bench_out/curate"))
+    args = p.parse_args()
+    n = args.smoke or args.n
+    if args.smoke:
+        args.shard_size = min(args.shard_size, max(10, n // 4))
+    from fluxion.curate.pipeline import load_recipe, run
+
+    work = args.out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    gen_s = make_data(work / "raw", n, args.shard_size, max(1, args.num_cpus))
+    print(f"made {n} images in {gen_s:.1f} s")
+    (work / "r.toml").write_text(recipe(args, work / "raw", work / "out"))
+    start = time.perf_counter()
+    stats = run(load_recipe(work / "r.toml"), log=lambda *a: None)
+    wall = time.perf_counter() - start
+    stages = dict(stats["throughput"])
+    if args.ocr_n:
+        (work / "ocr.toml").write_text(
+            recipe(args, work / "raw", work / "ocr_out", n_limit=args.ocr_n, ocr=True)
+        )
+        ocr_stats = run(load_recipe(work / "ocr.toml"), log=lambda *a: None)
+        stages["text (detection only)"] = ocr_stats["throughput"]["text"]
+    gpu_stage = "watermark" if args.watermark_device == "cuda" else None
+    cost = {}
+    for name, t in stages.items():
+        rate = t["images_per_s_per_worker"]
+        if not rate:
+            continue
+        hours = 1e9 / rate / 3600
+        price = args.gpu_hour_usd if name == gpu_stage else args.cpu_hour_usd
+        cost[name] = {"worker_hours_per_1e9": round(hours), "usd_per_1e9": round(hours * price)}
+    result = {
+        "n": n,
+        "executor": args.executor,
+        "num_cpus": args.num_cpus,
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "generate_seconds": round(gen_s, 1),
+        "pipeline_wall_seconds": round(wall, 1),
+        "end_to_end_images_per_s": round(n / wall, 1),
+        "kept": stats["kept"],
+        "funnel": stats["funnel"],
+        "stages": stages,
+        "cost_per_1e9": cost,
+        "prices": {"cpu_hour_usd": args.cpu_hour_usd, "gpu_hour_usd": args.gpu_hour_usd},
+        "wall_cost_per_1e9_usd_on_this_node": round(
+            1e9
+            / (n / wall)
+            / 3600
+            * (args.num_cpus * args.cpu_hour_usd + (args.gpu_hour_usd if gpu_stage else 0))
+        ),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    print(
+        f"{n} images, {args.executor} executor, {args.num_cpus} CPUs: {wall:.1f} s wall, {n / wall:.1f} images/s"
+    )
+    for name, t in stages.items():
+        c = cost.get(name, {})
+        print(
+            f"  {name:24s} {t['images']:>8d} images  {t['images_per_s_per_worker'] or 0:>9.1f} images/s per worker"
+            f"  {c.get('worker_hours_per_1e9', 0):>9d} worker-h / 1e9  ${c.get('usd_per_1e9', 0):>8d} / 1e9"
+        )
+    print(
+        f"  whole node at its measured wall rate: ${result['wall_cost_per_1e9_usd_on_this_node']} per 1e9 images"
+    )
+    print(
+        f"  (prices assumed: ${args.cpu_hour_usd}/vCPU-h, ${args.gpu_hour_usd}/GPU-h); {args.out / 'results.json'}"
+    )
+    shutil.rmtree(work / "raw", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxion.cli import main, run_repl
+from fluxion.cli import main
 from fluxion.metadata import read_params
 from fluxion.provenance import MIN_SIDE, watermark_if_possible
+from fluxion.repl import run_repl
 from fluxion.weights.models import load_models
 
 FAST = ["--steps", "2", "--seed", "4"]

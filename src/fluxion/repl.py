@@ -111,6 +111,8 @@ def run_repl(
             elif cmd == "!view":
                 from fluxion.termimage import TerminalPreview
 
+                if not images:
+                    raise ValueError("no image yet")
                 token = rest or "$"
                 index = len(images) if token == "$" else int(token[1:]) if token[1:].isdigit() else 0
                 if not 1 <= index <= len(images):

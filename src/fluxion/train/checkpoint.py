@@ -82,26 +82,32 @@ def _export(out: Path, model, ema, cfg, rank: int) -> Path | None:
     if rank != 0:
         return None
     if cfg.lora_rank:
-        # Adapter parameters are `<layer>.lora.default.{down,up}`; write the BFL/Comfy LoRA layout that
-        # fluxion.lora.load_lora (and ComfyUI) read: `<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha`.
         path = out / "lora.safetensors"
-        tensors = {}
-        alpha = torch.tensor(float(cfg.lora_alpha or cfg.lora_rank))
-        for k, v in full.items():
-            for part in ("down", "up"):
-                suffix = f".lora.default.{part}"
-                if k.endswith(suffix):
-                    layer = k[: -len(suffix)]
-                    tensors[f"{layer}.lora_{part}.weight"] = v
-                    # One tensor per key: safetensors refuses tensors that share storage.
-                    tensors[f"{layer}.alpha"] = alpha.clone()
-    else:
-        path = out / "transformer.safetensors"
-        tensors = {k: v for k, v in full.items() if ".lora." not in k}
+        _write_lora(full, cfg, path)
+        return path
+    path = out / "transformer.safetensors"
+    tensors = {k: v for k, v in full.items() if ".lora." not in k}
     save_file(
         {k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"fluxion_model": cfg.model}
     )
     return path
+
+
+def _write_lora(full: dict, cfg, path: Path) -> None:
+    """Through the LoRA module's own writer: the gathered state dict goes into a CPU copy of the model built on
+    meta (assign=True: no second copy of the weights), whose adapter `save_lora` writes in fluxion's lossless
+    layout (`<BFL name>.lora_down.weight`, `.lora_up.weight`, `.alpha`), which `load_lora` and ComfyUI read."""
+    from fluxion.config import get_preset
+    from fluxion.lora.lora import inject_lora, save_lora
+    from fluxion.model.transformer import Flux2
+
+    with torch.device("meta"):
+        copy = Flux2(get_preset(cfg.model).transformer)
+    inject_lora(
+        copy, rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank, targets=list(cfg.lora_targets)
+    )
+    copy.load_state_dict(full, strict=True, assign=True)
+    save_lora(copy, path, format=cfg.lora_format, metadata={"fluxion_model": cfg.model})
 
 
 def export_weights(out: Path, model, ema, cfg, rank: int) -> Path | None:

@@ -26,6 +26,7 @@ class TrainConfig:
     ema: float = 0.0  # EMA decay of the trained weights; 0 disables
     caption_dropout: float = 0.1  # empty prompt this often, so the model also learns the unconditional v
     edit_fraction: float = 0.0  # share of batches drawn from edit pairs
+    caption_variety: float = 0.0  # chance a tinyset caption is rephrased when drawn (curate.tinyset.captions)
     pixels: int = 128 * 128  # bucket size for image folders
     seed: int = 0
     log_every: int = 10

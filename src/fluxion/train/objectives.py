@@ -113,7 +113,11 @@ class FlowMatching:
 
     def sampler(self, cfg: TrainConfig, rank: int) -> BatchSampler:
         return BatchSampler(
-            open_sources(cfg.data, cfg.pixels), cfg.batch_size, cfg.edit_fraction, cfg.seed + rank
+            open_sources(cfg.data, cfg.pixels),
+            cfg.batch_size,
+            cfg.edit_fraction,
+            cfg.seed + rank,
+            caption_variety=cfg.caption_variety,
         )
 
     def batch(self, models: Models, samples: list[Sample], gen: torch.Generator) -> dict:

@@ -28,7 +28,10 @@ def test_variety_covers_the_colour_forms_and_keeps_quoted_text():
     assert "#1e90ff" in joined and "#1E90FF" in joined and "rgb(30, 144, 255)" in joined
     assert re.search(r"dodger blue(?! \(#| #)", joined)  # the name alone
     assert any("circle" in c and "#" not in c and "red" not in c for c in caps)  # colour dropped
-    assert all('"Hello"' in c for c in caps if "Hello" in c)  # quoted text untouched, case kept
+    word_caps = [c for c in caps if "word" in c or "letters" in c]
+    assert all("Hello" in c for c in word_caps)  # the text to draw keeps its letters and case
+    assert any('"Hello"' in c for c in caps) and any("'Hello'" in c for c in caps)
+    assert any("Hello" in c and "'Hello'" not in c and '"Hello"' not in c for c in caps)  # unquoted
     assert any("centred" in c or "centered" in c or "centre" in c for c in caps)
     assert len(set(caps)) > 200
 

@@ -26,6 +26,10 @@ class TrainConfig:
     ema: float = 0.0  # EMA decay of the trained weights; 0 disables
     caption_dropout: float = 0.1  # empty prompt this often, so the model also learns the unconditional v
     edit_fraction: float = 0.0  # share of batches drawn from edit pairs
+    # Letters reach the model: a character encoder of the quoted text (text/charenc.py), trained with the
+    # transformer; its tokens follow the text encoder's. Off: the model is exactly a plain FLUX.2 model.
+    char_encoder: bool = False
+    char_max: int = 32  # characters (and extra context tokens) per prompt
     caption_variety: float = 0.0  # chance a tinyset caption is rephrased when drawn (curate.tinyset.captions)
     pixels: int = 128 * 128  # bucket size for image folders
     seed: int = 0

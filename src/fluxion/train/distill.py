@@ -27,7 +27,14 @@ from fluxion.sampling.ids import image_ids, text_ids
 from fluxion.sampling.schedule import get_schedule
 from fluxion.train.config import TrainConfig
 from fluxion.train.data import BatchSampler, Sample, open_sources
-from fluxion.train.objectives import add_references, encode_context, encode_latents, forward_velocity
+from fluxion.train.dpo import attach_shipped_char_encoder
+from fluxion.train.objectives import (
+    add_char_codes,
+    add_references,
+    encode_context,
+    encode_latents,
+    forward_velocity,
+)
 from fluxion.train.precision import precision_policy
 from fluxion.weights.models import Models
 
@@ -37,6 +44,8 @@ def cfg_velocity(
 ) -> Tensor:
     """True CFG, both halves in one batch of 2B: v_u + scale * (v_c - v_u). t is per sample [B]."""
     both = {**batch, "ctx_ids": torch.cat([batch["ctx_ids"], batch["ctx_ids"]])}
+    if batch.get("char_codes") is not None:  # the negative (empty) prompt has no quoted letters
+        both["char_codes"] = torch.cat([torch.zeros_like(batch["char_codes"]), batch["char_codes"]])
     if batch.get("refs") is not None:
         both["refs"] = torch.cat([batch["refs"], batch["refs"]])
         both["ref_ids"] = torch.cat([batch["ref_ids"], batch["ref_ids"]])
@@ -70,6 +79,7 @@ class StepDistillation:
         self.cfg, self.cache = cfg, cache
         spec = get_preset(cfg.teacher_model or cfg.model)
         self.teacher = load_transformer(cfg.teacher, spec.transformer, dtype=torch.float32, device=device)
+        attach_shipped_char_encoder(self.teacher, cfg.teacher, cfg, device)
         self.teacher.eval().requires_grad_(False)
         self.scale = cfg.teacher_guidance if cfg.teacher_guidance is not None else spec.default_guidance
         self.substeps = cfg.teacher_steps // cfg.student_steps
@@ -89,7 +99,8 @@ class StepDistillation:
         x0, h, w = encode_latents(models, [s.image for s in samples], [s.key for s in samples], self.cache)
         B, n = x0.shape[:2]
         drop = torch.rand(B, generator=gen, device=device) < self.cfg.caption_dropout
-        ctx = encode_context(models, ["" if d else s.caption for s, d in zip(samples, drop.tolist())])
+        prompts = ["" if d else s.caption for s, d in zip(samples, drop.tolist())]
+        ctx = encode_context(models, prompts)
         neg = encode_context(models, [""]).expand(B, -1, -1)
         schedule = torch.tensor(get_schedule(self.cfg.student_steps, n), device=device)
         k = torch.randint(0, self.cfg.student_steps, (B,), generator=gen, device=device)
@@ -107,6 +118,7 @@ class StepDistillation:
             "ref_ids": None,
         }
         add_references(models, samples, batch, self.cache)
+        add_char_codes(self.cfg, prompts, batch, device)
         with self.precision.autocast():
             x_next = teacher_segment(self.teacher, x, batch, s_from, s_to, self.substeps, self.scale)
         batch["target"] = (x_next - x.float()) / (s_to - s_from).view(-1, 1, 1)

@@ -35,7 +35,7 @@ from fluxion.sampling.ids import image_ids, text_ids
 from fluxion.train.config import TrainConfig
 from fluxion.train.data import Sample, to_tensor
 from fluxion.train.flow_matching import interpolate, sample_times
-from fluxion.train.objectives import encode_context, encode_latents, forward_velocity
+from fluxion.train.objectives import add_char_codes, encode_context, encode_latents, forward_velocity
 from fluxion.weights.models import Models
 
 
@@ -120,6 +120,17 @@ def adapters_off(model: torch.nn.Module):
             adapter.scale = scale
 
 
+def attach_shipped_char_encoder(model: Flux2, weights: str, cfg: TrainConfig, device) -> None:
+    """A frozen reference / teacher gets the character encoder shipped beside its weights, if any."""
+    if not cfg.char_encoder:
+        return
+    from fluxion.text.charenc import charenc_beside, load_char_encoder
+
+    found = charenc_beside(weights)
+    if found is not None:
+        model.char_encoder = load_char_encoder(found, model.cfg.context_in_dim, device)
+
+
 class DiffusionDPO:
     name = "dpo"
 
@@ -137,6 +148,7 @@ class DiffusionDPO:
             self.reference = load_transformer(
                 source, models.spec.transformer, dtype=torch.float32, device=device
             )
+            attach_shipped_char_encoder(self.reference, source, cfg, device)
             self.reference.eval().requires_grad_(False)
 
     def sampler(self, cfg: TrainConfig, rank: int) -> PairSampler:
@@ -148,12 +160,13 @@ class DiffusionDPO:
         xw, h, w = encode_latents(models, [s.image for s in wins], [s.key for s in wins], self.cache)
         xl, _, _ = encode_latents(models, [s.image for s in loses], [s.key for s in loses], self.cache)
         B = xw.shape[0]
-        ctx = encode_context(models, [s.caption for s in wins])
+        prompts = [s.caption for s in wins]
+        ctx = encode_context(models, prompts)
         t = sample_times(B, xw.shape[1], generator=gen, device=device)
         noise = torch.randn(xw.shape, generator=gen, device=device)  # shared by winner and loser
         x0 = torch.cat([xw, xl])
         noise2, t2 = torch.cat([noise, noise]), torch.cat([t, t])
-        return {
+        batch = {
             "x0": x0,
             "noise": noise2,
             "t": t2,
@@ -163,6 +176,8 @@ class DiffusionDPO:
             "ctx_ids": text_ids(ctx.shape[1], 2 * B, device),
             "refs": None,
         }
+        add_char_codes(self.cfg, prompts + prompts, batch, device)
+        return batch
 
     def errors(self, model: Flux2, batch: dict) -> tuple[Tensor, Tensor]:
         pred = forward_velocity(model, batch["x_t"], batch["x_ids"], batch["t"], batch["ctx"], batch)

@@ -38,6 +38,8 @@ def build_transformer(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -
             model = Flux2(spec.transformer)
         model.to_empty(device=device)
         init_weights(model, torch.Generator(device).manual_seed(cfg.seed))
+    if cfg.char_encoder:
+        attach_char_encoder(model, cfg, device)
     model.train()
     if cfg.lora_rank:
         from fluxion.lora.lora import inject_lora
@@ -49,6 +51,21 @@ def build_transformer(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -
     else:
         model.requires_grad_(True)
     return model
+
+
+def attach_char_encoder(model: Flux2, cfg: TrainConfig, device: torch.device) -> None:
+    """`model.char_encoder`: the one shipped beside `cfg.init` if there is one, else a new one (seeded by the
+    run's seed, from its own generator so nothing else's random draws move)."""
+    from fluxion.text.charenc import CharEncoder, CharEncoderConfig, charenc_beside, load_char_encoder
+
+    dim = model.cfg.context_in_dim
+    found = charenc_beside(cfg.init)
+    if found is not None:
+        enc = load_char_encoder(found, dim, device)
+    else:
+        enc = CharEncoder(CharEncoderConfig(context_dim=dim, max_chars=cfg.char_max)).to(device)
+        enc.reset_parameters(torch.Generator(device).manual_seed(cfg.seed + 1))
+    model.char_encoder = enc
 
 
 def load_frozen(spec: ModelSpec, cfg: TrainConfig, transformer: Flux2, device: torch.device) -> Models:

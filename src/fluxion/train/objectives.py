@@ -72,13 +72,26 @@ def encode_context(models: Models, prompts: list[str]) -> Tensor:
 def forward_velocity(model: Flux2, x: Tensor, x_ids: Tensor, t: Tensor, ctx: Tensor, batch: dict) -> Tensor:
     """v for the output tokens of x, with the batch's references appended as at inference (spec 7.2)."""
     n_out = x.shape[1]
+    chars = getattr(model, "char_encoder", None)
+    ctx_ids = batch["ctx_ids"]
+    if chars is not None and batch.get("char_codes") is not None:  # letters of the quoted text (charenc.py)
+        ctx = torch.cat([ctx, chars(batch["char_codes"]).to(ctx.dtype)], dim=1)
+        ctx_ids = text_ids(ctx.shape[1], ctx.shape[0], ctx.device)
     if batch.get("refs") is not None:
         x = torch.cat([x, batch["refs"]], dim=1)
         x_ids = torch.cat([x_ids, batch["ref_ids"]], dim=1)
     guidance = None
     if model.cfg.use_guidance_embed:  # guidance-distilled models are trained at a fixed embedded value
         guidance = torch.full_like(t, 3.5)
-    return model(x, x_ids, t, ctx, batch["ctx_ids"], guidance)[:, :n_out]
+    return model(x, x_ids, t, ctx, ctx_ids, guidance)[:, :n_out]
+
+
+def add_char_codes(cfg: TrainConfig, prompts: list[str], batch: dict, device) -> None:
+    """The quoted characters of each prompt, for models with a character encoder (text/charenc.py)."""
+    if cfg.char_encoder:
+        from fluxion.text.charenc import char_codes
+
+        batch["char_codes"] = char_codes(prompts, cfg.char_max, device)
 
 
 def add_references(models: Models, samples: list[Sample], batch: dict, cache: Path | None) -> None:
@@ -137,6 +150,7 @@ class FlowMatching:
             "ref_ids": None,
         }
         add_references(models, samples, batch, self.cache)
+        add_char_codes(self.cfg, prompts, batch, device)
         t = sample_times(B, x0.shape[1], generator=gen, device=device)
         noise = torch.randn(x0.shape, generator=gen, device=device)
         batch.update(t=t, noise=noise, x_t=interpolate(x0, noise, t))

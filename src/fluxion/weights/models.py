@@ -126,6 +126,11 @@ def load_models(
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     home = torch.device("cpu") if offload else device
     transformer = load_transformer(tr_path, spec.transformer, dtype=dtype, device=device)
+    from fluxion.text.charenc import charenc_beside, load_char_encoder
+
+    chars = charenc_beside(tr_path)
+    if chars is not None:  # a model trained with letters of quoted text (fluxion-tiny v2); fp32, 2 M params
+        transformer.char_encoder = load_char_encoder(chars, spec.transformer.context_in_dim, device)
     ae = load_autoencoder(vae_path, spec.vae, dtype=torch.float32, device=home)
     encoder = load_text_encoder(
         text_path, spec.text, device=home, dtype=dtype if device.type == "cuda" else torch.float32

@@ -6,7 +6,8 @@ trained on them learns the template, not the words. `vary_caption` rewrites a ca
   - rewrites every colour mention: name only, hex only (upper or lower case, with or without '#'),
     rgb(r, g, b), name and hex in another format, or drops it;
   - replaces layout phrases by synonyms ("in the center" -> "centered", "at the centre", ...);
-  - wraps the result the way people type prompts ("draw ...", lower case, no articles, "pls").
+  - wraps the result the way people type prompts ("draw ...", lower case, no articles, "pls");
+  - sometimes quotes the text with single quotes or not at all.
 Quoted text keeps its letters and case: it is what must be drawn.
 
 HELD-OUT (evaluation only; `vary_caption` never produces them, the tinyset never renders the words):
@@ -106,6 +107,11 @@ def vary_caption(record: dict, rng: random.Random, strength: float = 1.0) -> str
         return part
 
     caption = _outside_quotes(caption, rewrite)
+    u = rng.random()
+    if u < 0.15:  # other quote marks, or none, as people type them (the letters themselves are kept)
+        caption = _QUOTED.sub(
+            lambda m: ("'" + m.group(1)[1:-1] + "'") if u < 0.08 else m.group(1)[1:-1], caption
+        )
     caption = re.sub(r"\s+", " ", re.sub(r"\(\s*\)|\s+([,.;:])", r"\1", caption)).strip(" ,")
     template = TRAIN_TEMPLATES[rng.randrange(len(TRAIN_TEMPLATES))]
     return template.format(x=caption)

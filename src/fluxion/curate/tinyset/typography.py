@@ -234,12 +234,9 @@ def short_shape(shape: dict) -> str:
 
 def text_phrase(text: str, rng: np.random.Generator) -> str:
     noun = "word" if " " not in text else "words"
-    u = rng.random()
-    if u < 0.1:  # without quotes, as people also write it
-        return f"the {noun} {text}" if u < 0.05 else f"text saying {text}"
-    if u < 0.2:
-        return f'"{text}"' if u < 0.15 else f"the letters '{text}'"
-    return f'the {noun} "{text}"' if u < 0.75 else f'the text "{text}"'
+    # Stored captions always quote the text with '"'; other quotes and none come from training-time
+    # variety (captions.vary_caption).
+    return f'the {noun} "{text}"' if rng.random() < 0.7 else f'the text "{text}"'
 
 
 _TEXT_TEMPLATES = (

@@ -181,3 +181,30 @@ def test_objective_options_are_checked():
         )
     with pytest.raises(ValueError, match="dpo"):
         TrainConfig(model="x", data=("d",), out="o", vae="v", objective="ppo")
+
+
+def test_pairs_from_own_generations_feed_dpo(parts, tmp_path):
+    """fluxion.train.pairs: candidates per prompt from the model, judged by the colour reward (border colour
+    against the requested background); the folder it writes is what the DPO objective reads."""
+    from fluxion.train.dpo import PairSet
+    from fluxion.train.pairs import Rewards, colour_reward, make_pairs
+    from fluxion.weights.models import load_models
+
+    white = np.full((32, 32, 3), 255, np.uint8)
+    assert colour_reward(white, "#FFFFFF") == pytest.approx(1.0)
+    assert colour_reward(white, "#000000") == 0.0  # dE00 white/black is 100: clipped at 0
+    models = load_models(parts["init"], preset=TRAIN_SPEC.name, vae=parts["vae"], text=parts["text"])
+    records = [
+        {"caption": "a red square", "background": "#FFFFFF"},
+        {"caption": "a blue square", "background": "#FFFFFF"},
+    ]
+    meta = make_pairs(
+        models, records, tmp_path / "pairs", candidates=3, steps=2, min_gap=0.0,
+        rewards=Rewards(use_ocr=False, use_scorer=False), log=None,
+    )  # fmt: skip
+    assert meta["pairs"] == 2 and not (tmp_path / "pairs.tmp").exists()
+    pairs = PairSet(tmp_path / "pairs")
+    win, lose = pairs.pair(0)
+    assert win.caption == "a red square" and win.image.shape == lose.image.shape
+    r = pairs.pairs[0]["rewards"]
+    assert r[0] >= r[1]

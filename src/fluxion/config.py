@@ -269,6 +269,16 @@ PRESETS["fluxion-tiny"] = ModelSpec(
 )
 
 
+# fluxion-tiny-base: the true-CFG teacher (20 steps), as FLUX.2 [klein base] is to [klein]. Same architecture
+# and weights format; today's shipped fluxion-tiny is this model. When distilled weights ship, `fluxion-tiny`
+# becomes the 4-step guidance-distilled student (guidance_mode "distilled", default_steps 4) and these
+# weights move to assets/fluxion-tiny-base (train/distill.py, runs/fluxion_tiny_v2.py).
+PRESETS["fluxion-tiny-base"] = dataclasses.replace(PRESETS["fluxion-tiny"], name="fluxion-tiny-base")
+FLUXION_TINY_DISTILLED = dataclasses.replace(
+    PRESETS["fluxion-tiny"], guidance_mode="distilled", default_steps=4, default_guidance=1.0
+)
+
+
 def get_preset(name: str) -> ModelSpec:
     try:
         return PRESETS[name]

@@ -110,7 +110,15 @@ def run_stage(stage: str, args, work: Path, report: dict) -> None:
             return
         from fluxion.curate.tinyset.tinyset import main as tinyset_main
 
-        argv = ["build", str(args.sources), str(data), "--overwrite", "--sizes", ",".join(SIZES)]
+        # Only the sizes this call's stages read (a second call needs 128² alone).
+        sizes = (
+            SIZES
+            if "pretrain64" in args.stage_list
+            else SIZES[1:]
+            if "pretrain128" in args.stage_list
+            else SIZES[1:2]
+        )
+        argv = ["build", str(args.sources), str(data), "--overwrite", "--sizes", ",".join(sizes)]
         rc = tinyset_main(argv + (["--limit", str(args.limit)] if args.limit else []))
         if rc:
             raise SystemExit(f"data stage failed (exit {rc})")
@@ -131,7 +139,7 @@ def run_stage(stage: str, args, work: Path, report: dict) -> None:
             return
         model = export_of(work, "finetune")
         argv = ["--data", str(data / "128x128"), "--out", str(work / "pairs"), "--model", str(model),
-                "--preset", "fluxion-tiny-base", "--vae", vae, "--prompts", str(args.pairs_prompts),
+                "--preset", "fluxion-tiny", "--vae", vae, "--prompts", str(args.pairs_prompts),
                 "--candidates", "4", "--min-gap", "0.1"]  # fmt: skip
         if args.smoke:
             argv += ["--steps", "2", "--min-gap", "0", "--no-ocr"]
@@ -198,6 +206,7 @@ def main() -> None:
     args = p.parse_args()
     args.budget = {k: float(v) for k, v in (kv.split("=") for kv in args.budget.split(",") if kv)}
     stages = [s for s in args.stages.split(",") if s]
+    args.stage_list = stages
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise SystemExit(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")

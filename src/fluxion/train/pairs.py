@@ -143,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     records = [json.loads(line) for line in records_path.read_text().splitlines() if line]
     rng = np.random.default_rng(args.seed)
     records = [records[i] for i in rng.permutation(len(records))[: args.prompts]]
-    models = load_models(args.model, preset=args.preset, vae=args.vae, text=args.text, device=args.device)
+    try:
+        models = load_models(args.model, preset=args.preset, vae=args.vae, text=args.text, device=args.device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     minilm = getattr(getattr(models.text, "cfg", None), "kind", None) == "minilm"
     labels = [r["label"] for r in records if r.get("kind") == "emoji" and r.get("label")]
     rewards = Rewards(not args.no_ocr, True, models.text if minilm else None, labels)

@@ -183,6 +183,7 @@ def test_objective_options_are_checked():
         TrainConfig(model="x", data=("d",), out="o", vae="v", objective="ppo")
 
 
+@pytest.mark.slow  # ~70 s on 2 shared cores (sampling through the whole pipeline)
 def test_pairs_from_own_generations_feed_dpo(parts, tmp_path):
     """fluxion.train.pairs: candidates per prompt from the model, judged by the colour reward (border colour
     against the requested background); the folder it writes is what the DPO objective reads."""

@@ -49,6 +49,9 @@ class FixedTokens(TextEncoder):
         ids = torch.randint(0, self.vocab, (len(prompts), self.cfg.max_length), generator=g)
         return {"input_ids": ids.to(self.device), "attention_mask": torch.ones_like(ids).to(self.device)}
 
+    def token_counts(self, prompts):  # no tokenizer: every prompt is exactly max_length tokens
+        return [self.cfg.max_length] * len(prompts)
+
 
 def build_encoder(spec, smoke: bool, device: str) -> TextEncoder:
     from transformers import Qwen3Config, Qwen3ForCausalLM

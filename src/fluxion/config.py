@@ -307,6 +307,17 @@ PRESETS["fluxion-tiny"] = ModelSpec(
 )
 
 
+# fluxion-tiny v2 (runs/fluxion_tiny_v2.py) ships two models, as BFL ships FLUX.2 [klein] and [klein base]:
+# `fluxion-tiny`, the 4-step guidance-distilled student (one forward per step), and `fluxion-tiny-base`, its
+# 20-step true-CFG teacher (what `fluxion-tiny` is today). Both have the same architecture, so a bare weights
+# file fits both by shape: they are registered in PRESETS together with the new weights (then resolve_preset
+# needs a rule for the pair), not before, so that loading today's tiny files without --preset stays unambiguous.
+FLUXION_TINY_BASE = dataclasses.replace(PRESETS["fluxion-tiny"], name="fluxion-tiny-base")
+FLUXION_TINY_DISTILLED = dataclasses.replace(
+    PRESETS["fluxion-tiny"], guidance_mode="distilled", default_steps=4, default_guidance=1.0
+)
+
+
 def get_preset(name: str) -> ModelSpec:
     try:
         return PRESETS[name]

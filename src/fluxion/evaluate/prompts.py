@@ -155,3 +155,57 @@ def render(spec: dict, size: int = 128) -> np.ndarray:
     if spec["text"] is not None:
         font_dir = fonts()[spec["text"]["font"]].path.parent
     return render_scene(spec, (size, size), font_dir)
+
+
+_HELDOUT_SEED = 105
+
+
+def heldout_sets(n: int, seed: int = 0) -> dict[str, list[dict]]:
+    """Prompts in phrasings and words training never sees (curate.tinyset.captions: HELDOUT_*):
+    "words": a held-out 4-5 letter word to draw, {"prompt", "text"};
+    "bare_hex": a plain background given only as a hex code, {"prompt", "background"};
+    "name_hex": the same given as "name (#hex)", {"prompt", "background"};
+    "layout": a shape placed with a held-out layout phrase, {"prompt", "position", "color", "background"}.
+    Colours are drawn from all of sRGB (not only the palette); wrappers are HELDOUT_TEMPLATES."""
+    from fluxion.curate.tinyset.captions import HELDOUT_LAYOUT, HELDOUT_TEMPLATES, HELDOUT_WORDS
+    from fluxion.curate.tinyset.colors import color_name
+
+    rng = np.random.default_rng([_HELDOUT_SEED, seed])
+
+    def wrap(x: str) -> str:
+        return HELDOUT_TEMPLATES[int(rng.integers(len(HELDOUT_TEMPLATES)))].format(x=x)
+
+    words = [w for w in HELDOUT_WORDS if 4 <= len(w) <= 5]
+    out: dict[str, list[dict]] = {"words": [], "bare_hex": [], "name_hex": [], "layout": []}
+    for i in range(n):
+        text = words[(i + seed) % len(words)]
+        text = text.upper() if rng.random() < 0.5 else text
+        bg = sample_color(rng, off_palette=1.0)
+        fg = sample_contrasting(rng, [bg], 7.0)
+        out["words"].append(
+            {
+                "prompt": wrap(f'the word "{text}" in {color_name(fg)} on a {color_name(bg)} background'),
+                "text": text,
+            }
+        )
+        bg = sample_color(rng, off_palette=1.0)
+        hex_code = bg if rng.random() < 0.5 else bg.lower()
+        out["bare_hex"].append({"prompt": wrap(f"a plain {hex_code} background"), "background": bg})
+        bg = sample_color(rng, off_palette=1.0)
+        out["name_hex"].append(
+            {"prompt": wrap(f"a plain {color_name(bg)} ({bg}) background"), "background": bg}
+        )
+        pos = list(HELDOUT_LAYOUT)[i % len(HELDOUT_LAYOUT)]
+        phrase = HELDOUT_LAYOUT[pos][int(rng.integers(len(HELDOUT_LAYOUT[pos])))]
+        bg = sample_color(rng)
+        color = sample_contrasting(rng, [bg], 3.0)
+        shape = SHAPES[i % len(SHAPES)]
+        out["layout"].append(
+            {
+                "prompt": wrap(f"a {color_name(color)} {shape} {phrase} on a {color_name(bg)} background"),
+                "position": pos,
+                "color": color,
+                "background": bg,
+            }
+        )
+    return out

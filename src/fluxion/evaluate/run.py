@@ -58,6 +58,7 @@ class EvalConfig:
     num_colour: int = 12
     num_recognition: int = 32  # of the scorer's 100 held-out families
     num_edits: int = 12  # two thirds shape scenes (recolour background / shape), one third generated emoji
+    num_heldout: int = 12  # per held-out set (words, bare hex, name (#hex), layout): phrasings never trained
     images: str | None = None  # save every generated image here
     quick: bool = False  # 2 items per section and 4 steps: checks that everything runs
 
@@ -69,7 +70,14 @@ class EvalConfig:
             raise ValueError("num_recognition is at most 100 (the scorer's held-out families)")
 
 
-QUICK = {"num_typography": 2, "num_colour": 2, "num_recognition": 2, "num_edits": 3, "steps": 4}
+QUICK = {
+    "num_typography": 2,
+    "num_colour": 2,
+    "num_recognition": 2,
+    "num_edits": 3,
+    "num_heldout": 0,  # the held-out section has its own test (tests/test_eval_heldout.py)
+    "steps": 4,
+}
 
 
 class Generator:
@@ -235,6 +243,66 @@ def eval_recognition(gen: Generator, cfg: EvalConfig) -> tuple[dict, list[np.nda
     }, images
 
 
+HELDOUT_KEYS = ("ocr_exact_4_5", "bare_hex_delta_e", "name_hex_delta_e", "layout_ok")
+# A shape is "where asked" when its colour's centroid is within this fraction of the side of the named spot.
+LAYOUT_TOLERANCE = 0.15
+
+
+def _centroid(image: np.ndarray, hex_code: str) -> tuple[float, float] | None:
+    """Relative (x, y) centroid of the pixels within dE00 15 of `hex_code` (None when there are too few)."""
+    lab = metrics.rgb_to_lab(image.reshape(-1, 3))
+    near = (
+        metrics.ciede2000(lab, metrics.rgb_to_lab(_rgb(hex_code))[None]).reshape(image.shape[:2]) < COLOR_OK
+    )
+    if near.sum() < 0.005 * near.size:
+        return None
+    ys, xs = np.nonzero(near)
+    return float(xs.mean() / image.shape[1]), float(ys.mean() / image.shape[0])
+
+
+def eval_heldout(gen: Generator, cfg: EvalConfig) -> dict:
+    """The held-out phrasings and words (prompts.heldout_sets): OCR exact match on 4-5 letter words never
+    rendered in training, background dE00 for a bare hex code and for "name (#hex)" with held-out prompt
+    wrappers and off-palette colours, and shapes placed with held-out layout words."""
+    from fluxion.curate.tinyset.typography import POSITIONS
+
+    sets = prompts.heldout_sets(cfg.num_heldout, cfg.seed)
+    out: dict = {"n": cfg.num_heldout}
+    try:
+        from rapidocr_onnxruntime import RapidOCR
+
+        ocr = RapidOCR()
+    except ImportError:
+        ocr = None
+    if ocr is not None:
+        reads = []
+        for i, item in enumerate(sets["words"]):
+            read = read_text(ocr, gen(f"heldout-word-{i:03d}", item["prompt"], cfg.seed + i))
+            exact = metrics.normalize_text(read) == metrics.normalize_text(item["text"])
+            reads.append({"prompt": item["prompt"], "text": item["text"], "read": read, "exact": exact})
+        out["ocr_exact_4_5"] = _mean(r["exact"] for r in reads)
+        out["words"] = reads
+    for name in ("bare_hex", "name_hex"):
+        items = []
+        for i, item in enumerate(sets[name]):
+            image = at_128(gen(f"heldout-{name}-{i:03d}", item["prompt"], cfg.seed + i))
+            de = float(metrics.delta_e(metrics.border_color(image), _rgb(item["background"])))
+            items.append(
+                {"prompt": item["prompt"], "background": item["background"], "delta_e": round(de, 2)}
+            )
+        out[f"{name}_delta_e"] = _mean(i["delta_e"] for i in items)
+        out[name] = items
+    layout = []
+    for i, item in enumerate(sets["layout"]):
+        image = at_128(gen(f"heldout-layout-{i:03d}", item["prompt"], cfg.seed + i))
+        c, want = _centroid(image, item["color"]), POSITIONS[item["position"]]
+        ok = c is not None and max(abs(c[0] - want[0]), abs(c[1] - want[1])) <= LAYOUT_TOLERANCE
+        layout.append({"prompt": item["prompt"], "centroid": c, "ok": ok})
+    out["layout_ok"] = _mean(r["ok"] for r in layout)
+    out["layout"] = layout
+    return out
+
+
 def _vae_roundtrip(models, image: np.ndarray) -> np.ndarray:
     from fluxion.editing.references import pixels_to_pil
     from fluxion.sampling.pipeline import decode, encode_images
@@ -314,6 +382,9 @@ def evaluate(models, cfg: EvalConfig, log=print) -> dict:
     )
     report["colour"] = eval_colour(gen, cfg)
     log(_line("colour", report["colour"], ("delta_e_background", "delta_e_shape", "chance_delta_e")))
+    if cfg.num_heldout:
+        report["heldout"] = eval_heldout(gen, cfg)
+        log(_line("heldout", report["heldout"], HELDOUT_KEYS))
     report["editing"] = eval_editing(gen, cfg, emoji)
     log(
         _line("editing", report["editing"], ("psnr_keep", "vae_psnr_keep", "delta_e_after", "delta_e_before"))

@@ -175,6 +175,9 @@ class ScorerConfig:
     num_heldout: int = 100
     seed: int = 0
     threads: int = 0  # torch threads (0: leave torch's default)
+    # Shape, not only colour: each image's colour blob (colour_blob) is an extra negative for its own caption,
+    # so "a star" must score the star above a disc of the star's colour. False: the v1 scorer's training.
+    blob_negatives: bool = True
 
 
 def heldout_families(records: list[dict], num: int, seed: int) -> dict[str, str]:
@@ -190,6 +193,42 @@ def heldout_families(records: list[dict], num: int, seed: int) -> dict[str, str]
     rng = np.random.default_rng(seed)
     picked = [eligible[i] for i in rng.choice(len(eligible), num, replace=False)]
     return {label: VENDORS[int(rng.integers(2))] for label in picked}
+
+
+def colour_blob(x: Tensor, threshold: float = 0.12) -> Tensor:
+    """The "yellow blob" of each image: a disc of the foreground's mean colour, of the foreground's area, at its
+    centroid, on the image's own background (median of the 2-px border). x [B, 3, H, W] in [-1, 1].
+    Same colours, same amount of them, same place; no shape. A scorer that measures shape ranks the real image
+    above its blob for the image's own label."""
+    B, _, H, W = x.shape
+    frame = torch.ones(H, W, dtype=torch.bool)
+    frame[2:-2, 2:-2] = False
+    bg = x[:, :, frame].median(dim=2).values  # [B, 3]
+    fg = (x - bg[:, :, None, None]).abs().amax(dim=1) > 2 * threshold  # [B, H, W]
+    area = fg.flatten(1).sum(1).clamp(min=1).float()
+    colour = (x * fg[:, None]).flatten(2).sum(2) / area[:, None]  # [B, 3]
+    ys, xs = torch.meshgrid(
+        torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij"
+    )
+    cy = (fg * ys).flatten(1).sum(1) / area
+    cx = (fg * xs).flatten(1).sum(1) / area
+    r = (area / torch.pi).sqrt()
+    disc = ((ys[None] - cy[:, None, None]) ** 2 + (xs[None] - cx[:, None, None]) ** 2) <= r[
+        :, None, None
+    ] ** 2
+    out = bg[:, :, None, None].expand(B, 3, H, W).clone()
+    return torch.where(disc[:, None], colour[:, :, None, None], out)
+
+
+@torch.no_grad()
+def blob_test(scorer: Scorer, images, text_emb: Tensor) -> float:
+    """Share of images that score above their own colour blob for their own caption (text_emb[i] goes with
+    images[i]): 1.0 = shape always wins, 0.5 = chance, 0 = colour alone decides. images: uint8 [N, H, W, 3]."""
+    x = prepare_images(images)
+    txt = scorer.embed_texts(text_emb)
+    real = (scorer.embed_images(x) * txt).sum(-1)
+    blob = (scorer.embed_images(colour_blob(x)) * txt).sum(-1)
+    return float((real > blob).float().mean())
 
 
 def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
@@ -272,7 +311,12 @@ def _fit(cfg: ScorerConfig, images: Tensor, emb: Tensor, caption_rows: list[list
             img, txt = model.embed_images(x), model.embed_texts(emb[rows])
             logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T  # [B images, B captions]
             labels = torch.arange(len(b))
-            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            if cfg.blob_negatives:  # captions also choose between every image and every colour blob
+                blobs = model.embed_images(colour_blob(x))
+                per_text = model.logit_scale.exp().clamp(max=100) * txt @ torch.cat([img, blobs]).T
+                loss = (F.cross_entropy(logits, labels) + F.cross_entropy(per_text, labels)) / 2
+            else:
+                loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -294,8 +338,11 @@ def train_scorer(cfg: ScorerConfig, log=print) -> dict:
     ranks = retrieval_ranks(
         model, small[[held_idx[label] for label in labels]], cand, list(range(len(labels)))
     )
+    held_images = small[[held_idx[label] for label in labels]]
     meta = {
         "note": "self-trained on the fluxion-tiny training set, not CLIP",
+        # Validation of shape sensitivity on the held-out families: real emoji vs its own colour blob.
+        "blob_test": blob_test(model, held_images, cand),
         "image_size": IMAGE_SIZE,
         "heldout": [{"label": label, "vendor": held[label], "rank": r} for label, r in zip(labels, ranks)],
         "ceiling": topk_rates(ranks),
@@ -315,7 +362,9 @@ def train_scorer(cfg: ScorerConfig, log=print) -> dict:
     }
     save_file(tensors, str(out / "scorer.safetensors"), metadata={"note": meta["note"]})
     (out / "scorer.json").write_text(json.dumps(meta, indent=1))
-    log(f"scorer: held-out retrieval among {len(labels)} families: {meta['ceiling']}")
+    log(
+        f"scorer: held-out retrieval among {len(labels)} families: {meta['ceiling']}; blob test {meta['blob_test']}"
+    )
     return meta
 
 
@@ -331,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(
             "--" + name.replace("_", "-"), type=float, default=ScorerConfig.__dataclass_fields__[name].default
         )
+    p.add_argument("--no-blob-negatives", dest="blob_negatives", action="store_false")
     args = p.parse_args(argv)
     train_scorer(ScorerConfig(**vars(args)))
     return 0

@@ -157,7 +157,11 @@ def encode_prompts(models: Models, prompts: list[str]) -> Tensor:
             ctx = models.text.encode(prompts, dtype=torch.float32)
     else:
         raise ValueError("the text encoder was released and there is no prompt cache to read prompts from")
-    return ctx.to(models.device, models.dtype)
+    ctx = ctx.to(models.device, models.dtype)
+    chars = getattr(models.transformer, "char_encoder", None)
+    if chars is not None:  # letters of the quoted text, after the text encoder's tokens (text/charenc.py)
+        ctx = torch.cat([ctx, chars.encode(prompts).to(models.device, models.dtype)], dim=1)
+    return ctx
 
 
 class _on_device:

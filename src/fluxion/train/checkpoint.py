@@ -84,6 +84,15 @@ def _export(out: Path, model, ema, cfg, rank: int) -> Path | None:
             full[name] = value.detach().cpu()
     if rank != 0:
         return None
+    chars = {k.removeprefix("char_encoder."): v for k, v in full.items() if k.startswith("char_encoder.")}
+    full = {k: v for k, v in full.items() if not k.startswith("char_encoder.")}
+    if chars and not cfg.lora_rank:  # shipped beside the transformer (text/charenc.py), never inside it
+        from fluxion.text.charenc import FILENAME
+
+        heads = str(model.char_encoder.cfg.heads)
+        save_file(
+            {k: v.contiguous() for k, v in chars.items()}, str(out / FILENAME), metadata={"heads": heads}
+        )
     if cfg.lora_rank:
         # Adapter parameters are `<layer>.lora.default.{down,up}`. Written in the layout ComfyUI, diffusers'
         # Flux2 pipeline and fluxion all load exactly: `diffusion_model.<layer>.lora_A/B.weight` (lora.write_lora).

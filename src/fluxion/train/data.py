@@ -189,11 +189,21 @@ class BatchSampler:
     has them. The RNG is explicit so a run (and a resumed run) draws the same batches.
     """
 
-    def __init__(self, sources: list, batch_size: int, edit_fraction: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        sources: list,
+        batch_size: int,
+        edit_fraction: float = 0.0,
+        seed: int = 0,
+        caption_variety: float = 0.0,
+    ):
         if not sources:
             raise ValueError("no training data: give at least one dataset folder")
         self.sources, self.batch_size, self.edit_fraction = sources, batch_size, edit_fraction
         self.rng = random.Random(seed)
+        # Chance that a tinyset caption is rephrased when drawn (curate.tinyset.captions.vary_caption);
+        # 0 draws nothing extra from the RNG, so runs without it are unchanged.
+        self.caption_variety = caption_variety
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.getstate()}
@@ -215,7 +225,14 @@ class BatchSampler:
             size = src.sizes[self.rng.randrange(len(src))]
             pool = [i for i, s in enumerate(src.sizes) if s == size]
             return [src.sample(self.rng.choice(pool)) for _ in range(self.batch_size)]
-        return [src.sample(self.rng.randrange(len(src))) for _ in range(self.batch_size)]
+        idx = [self.rng.randrange(len(src)) for _ in range(self.batch_size)]
+        samples = [src.sample(i) for i in idx]
+        if self.caption_variety and isinstance(src, TinySet):
+            from fluxion.curate.tinyset.captions import vary_caption
+
+            for s, i in zip(samples, idx):
+                s.caption = vary_caption(src.records[i], self.rng, self.caption_variety)
+        return samples
 
 
 def open_sources(paths, pixels: int = 128 * 128) -> list:

@@ -6,11 +6,11 @@ All of it wraps a built model from outside; the model code never changes.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
-def parallelize(model: nn.Module, cfg, world_size: int) -> nn.Module:
+def parallelize(model: nn.Module, cfg, world_size: int, precision=None) -> nn.Module:
+    """`precision`: the run's train.precision.Precision (its FSDP2 mixed-precision policy); None = fp32."""
     blocks = [*model.double_blocks, *model.single_blocks]
     if cfg.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -24,11 +24,15 @@ def parallelize(model: nn.Module, cfg, world_size: int) -> nn.Module:
         for block in blocks:
             block.compile()  # in place: parameter names are unchanged
     if cfg.fsdp and world_size > 1:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
-        on_gpu = next(model.parameters()).is_cuda
-        # fp32 master weights; bf16 compute on GPU with fp32 gradient reduction. CPU (gloo) stays fp32.
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_gpu else None
+        # fp32 master weights; the policy's compute dtype with fp32 gradient reduction (CPU/gloo: fp32).
+        if precision is None:
+            from fluxion.train.precision import precision_policy
+
+            device = next(model.parameters()).device
+            precision = precision_policy(getattr(cfg, "compute_dtype", "bfloat16"), device)
+        mp = precision.fsdp_mixed_precision()
         kwargs = {"mp_policy": mp} if mp else {}
         for block in blocks:
             fully_shard(block, **kwargs)

@@ -115,3 +115,104 @@ def load_recipe_file(path: str | Path) -> TrainConfig | list[TrainConfig]:
             )
         return namespace["config"]()
     raise ValueError(f"{path}: a recipe is a .toml or .py file")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fluxion-tiny v2: the FLUX.2 recipe end to end (runs/fluxion_tiny_v2.py chains these; docs/MODEL_CARD.md).
+# Each stage is sized by wall-clock (`time_budget_s`: steps are fitted after 100 measured steps, schedule
+# included) so the whole recipe fits two calls of under 9 minutes on one H100.
+
+
+def tiny_v2_pretrain(data: list[str], out: str, vae: str, budget_s: float, init: str | None = None,
+                     text: str | None = None, steps: int = 20000) -> TrainConfig:  # fmt: skip
+    """Pre-training stage (64² first, then 128² + aspect buckets from the 64² weights): flow matching, letters
+    of quoted text through the character encoder, rephrased captions, compiled blocks."""
+    return TrainConfig(
+        model="fluxion-tiny",
+        data=tuple(data),
+        out=out,
+        vae=vae,
+        text=text,
+        init=init,
+        steps=steps,
+        batch_size=256,
+        lr=6e-4 if init is None else 3e-4,
+        warmup=300 if init is None else 100,
+        min_lr_ratio=0.05,
+        weight_decay=0.01,
+        ema=0.999,
+        caption_dropout=0.1,
+        caption_variety=0.7,
+        edit_fraction=0.2,
+        char_encoder=True,
+        cache_latents=False,
+        log_every=100,
+        compile=True,
+        time_budget_s=budget_s,
+    )
+
+
+def tiny_v2_finetune(data: list[str], out: str, vae: str, init: str, budget_s: float,
+                     text: str | None = None) -> TrainConfig:  # fmt: skip
+    """Quality fine-tune on the best subset (runs/fluxion_tiny_v2.py quality_subset): low LR, EMA."""
+    return replace(
+        tiny_v2_pretrain(data, out, vae, budget_s, init=init, text=text, steps=4000),
+        lr=1e-4,
+        warmup=50,
+        edit_fraction=0.1,
+        ema=0.995,
+    )
+
+
+def tiny_v2_dpo(pairs: list[str], out: str, vae: str, init: str, budget_s: float,
+                text: str | None = None) -> TrainConfig:  # fmt: skip
+    """Diffusion-DPO on self-generated pairs judged by OCR / colour / retrieval rewards."""
+    return TrainConfig(
+        model="fluxion-tiny",
+        data=tuple(pairs),
+        out=out,
+        vae=vae,
+        text=text,
+        init=init,
+        objective="dpo",
+        dpo_beta=1000.0,
+        steps=2000,
+        batch_size=64,
+        lr=2e-5,
+        warmup=20,
+        min_lr_ratio=0.5,
+        caption_dropout=0.0,
+        char_encoder=True,
+        log_every=50,
+        compile=True,
+        time_budget_s=budget_s,
+    )
+
+
+def tiny_v2_distill(data: list[str], out: str, vae: str, teacher: str, budget_s: float,
+                    text: str | None = None) -> TrainConfig:  # fmt: skip
+    """4-step student with guidance distilled in, from the 20-step CFG teacher (initialised from it)."""
+    return TrainConfig(
+        model="fluxion-tiny",
+        data=tuple(data),
+        out=out,
+        vae=vae,
+        text=text,
+        init=teacher,
+        objective="distill",
+        teacher=teacher,
+        teacher_model=None,  # the fluxion-tiny preset is the CFG teacher's until the v2 weights ship
+        teacher_steps=20,
+        student_steps=4,
+        steps=6000,
+        batch_size=128,
+        lr=5e-5,
+        warmup=50,
+        ema=0.99,
+        caption_dropout=0.05,
+        caption_variety=0.7,
+        char_encoder=True,
+        log_every=100,
+        compile=True,
+        time_budget_s=budget_s,
+    )

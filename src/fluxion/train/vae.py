@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fluxion.config import get_preset
 from fluxion.train.data import BatchSampler, open_sources
+from fluxion.train.precision import precision_policy
 from fluxion.vae.autoencoder import AutoEncoder, patchify
 
 
@@ -37,6 +38,7 @@ class VAETrainConfig:
     stats_images: int = 4096  # images used to fit the latent batch-norm statistics
     seed: int = 0
     log_every: int = 50
+    compute_dtype: str = "bfloat16"  # the trainer's one precision policy (train/precision.py)
 
 
 def reconstruction_loss(rec: Tensor, x: Tensor, edge_weight: float) -> Tensor:
@@ -72,6 +74,7 @@ def main(cfg: VAETrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     spec = get_preset(cfg.model)
     ae = AutoEncoder(spec.vae).to(device).train()
+    precision = precision_policy(cfg.compute_dtype, device)
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     sampler = BatchSampler(open_sources(cfg.data), cfg.batch_size, seed=cfg.seed)
     gen = torch.Generator(device).manual_seed(cfg.seed)
@@ -83,7 +86,7 @@ def main(cfg: VAETrainConfig) -> dict:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         x = torch.stack([s.image for s in sampler.next_batch()]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with precision.autocast():
             moments = ae.encoder(x)
             mean, logvar = moments.float().chunk(2, dim=1)
             z = mean + torch.randn(mean.shape, generator=gen, device=device) * (0.5 * logvar).exp()

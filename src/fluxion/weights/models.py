@@ -278,6 +278,11 @@ def load_models(
     transformer = load_transformer(
         tr_path, spec.transformer, dtype=dtype, device="cpu" if mode == "blocks" else device
     )
+    from fluxion.text.charenc import charenc_beside, load_char_encoder
+
+    chars = charenc_beside(tr_path)
+    if chars is not None:  # a model trained with letters of quoted text (fluxion-tiny v2); fp32, 2 M params
+        transformer.char_encoder = load_char_encoder(chars, spec.transformer.context_in_dim, device)
     ae = load_vae(vae_path, spec.vae, vae_decoder, device=home)
     if ae.cfg != spec.vae:  # the VAE file is what it is (e.g. the small decoder under a released preset)
         spec = dataclasses.replace(spec, vae=ae.cfg)

@@ -98,11 +98,19 @@ def contrast(a: str, b: str) -> float:
     return (la + 0.05) / (lb + 0.05)
 
 
-def sample_color(rng: np.random.Generator, *, jitter: int = 18, exclude: tuple[str, ...] = ()) -> str:
-    """A palette colour, half the time exact and otherwise jittered by up to ``jitter`` per channel.
+def sample_color(
+    rng: np.random.Generator, *, jitter: int = 18, exclude: tuple[str, ...] = (), off_palette: float = 0.0
+) -> str:
+    """A palette colour, half the time exact and otherwise jittered by up to ``jitter`` per channel; with
+    probability ``off_palette`` instead any sRGB colour (uniform), named after its nearest palette entry.
 
     The name of the result (``color_name``) is never one of ``exclude``.
     """
+    if off_palette and rng.random() < off_palette:
+        while True:
+            hex_code = rgb_to_hex(rng.integers(0, 256, 3))
+            if color_name(hex_code) not in exclude:
+                return hex_code
     while True:
         name, hex_code = PALETTE[int(rng.integers(len(PALETTE)))]
         if name in exclude:

@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from fluxion.curate.tinyset.captions import HELDOUT_WORDS
 from fluxion.curate.tinyset.colors import color_name, describe, sample_color, sample_contrasting, with_article
 from fluxion.curate.tinyset.sources import Font
 
@@ -37,6 +38,7 @@ NOUNS = (
     "dragon knight pirate ninja queen king prince hero ghost monster alien comet galaxy energy power "
     "future past hope joy peace glory chaos echo pixel code data"
 ).split()
+NOUNS = tuple(w for w in NOUNS if w not in HELDOUT_WORDS)
 ADJECTIVES = (
     "big small happy sunny bright cool hot cold fresh sweet quiet loud fast slow wild calm brave kind lucky "
     "magic little tiny super new old good best dark soft warm free open royal cosmic urban fancy simple pure "
@@ -47,6 +49,7 @@ WORDS = (
     "love peace hope joy relax enjoy smile believe create explore imagine learn play read write think listen "
     "dream shine grow laugh travel cook bake paint sing dance jump run swim fly build rest wake"
 ).split()
+WORDS = tuple(w for w in WORDS if w not in HELDOUT_WORDS)
 PHRASES = (
     "hello world",
     "thank you",
@@ -125,9 +128,27 @@ SHAPE_SLOT = {"text_above_shape": (0.5, 0.73, 0.4), "shape_above_text": (0.5, 0.
 # Sampling
 
 
+OFF_PALETTE = 0.2  # share of backgrounds drawn from all of sRGB, not the 48-colour palette
+LETTER_STRINGS = 0.35  # share of single-"word" texts that are random letter strings (letters, not words)
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_STRING_LENGTHS = (1, 2, 3, 4, 5, 6, 7, 8)
+_STRING_WEIGHTS = np.array([1, 2, 3, 4, 4, 3, 2, 1], dtype=np.float64) / 20
+
+
+def random_letters(rng: np.random.Generator) -> str:
+    """1-8 random letters (never one of the held-out evaluation words)."""
+    while True:
+        n = int(rng.choice(_STRING_LENGTHS, p=_STRING_WEIGHTS))
+        text = "".join(_LETTERS[int(i)] for i in rng.integers(0, 26, n))
+        if text.lower() not in HELDOUT_WORDS:
+            return text
+
+
 def sample_text(rng: np.random.Generator, num_words: int | None = None) -> str:
     num_words = num_words or (1 if rng.random() < 0.6 else 2)
-    if num_words == 1:
+    if num_words == 1 and rng.random() < LETTER_STRINGS:
+        text = random_letters(rng)
+    elif num_words == 1:
         pool = NOUNS if rng.random() < 0.7 else WORDS
         text = pool[int(rng.integers(len(pool)))]
     elif rng.random() < 0.3:
@@ -153,7 +174,7 @@ def _sample_shapes(rng: np.random.Generator, bg: str, positions: list[str], scal
 
 def sample_scene(rng: np.random.Generator, fonts: list[Font]) -> dict:
     """A random scene spec: text only (45 %), text with a shape (20 %) or 1-3 shapes (35 %)."""
-    bg = sample_color(rng)
+    bg = sample_color(rng, off_palette=OFF_PALETTE)
     u = rng.random()
     if u < 0.65:
         layout = "text" if u < 0.45 else ("text_above_shape", "shape_above_text")[int(rng.integers(2))]
@@ -213,6 +234,8 @@ def short_shape(shape: dict) -> str:
 
 def text_phrase(text: str, rng: np.random.Generator) -> str:
     noun = "word" if " " not in text else "words"
+    # Stored captions always quote the text with '"'; other quotes and none come from training-time
+    # variety (captions.vary_caption).
     return f'the {noun} "{text}"' if rng.random() < 0.7 else f'the text "{text}"'
 
 

@@ -9,10 +9,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--runslow",
+        action="store_true",
+        help="also run tests marked slow (the 1,000-job server load test, multi-worker kills, long trainings)",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    run_slow = config.getoption("--runslow") or os.environ.get("FLUXION_RUN_SLOW") == "1"
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    not_now = pytest.mark.skip(reason="slow: run with --runslow (or FLUXION_RUN_SLOW=1)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(not_now)

@@ -480,7 +480,17 @@ def test_all_black_mask_is_a_note(tmp_path, model_args, capsys):
     Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
     out = tmp_path / "o.png"
     code, _, err = run(
-        capsys, "inpaint", "-i", src, "--mask", tmp_path / "black.png", "x", "-o", out, *model_args
+        capsys,
+        "inpaint",
+        "-i",
+        src,
+        "--mask",
+        tmp_path / "black.png",
+        "x",
+        "-o",
+        out,
+        "--no-watermark",
+        *model_args,
     )
     assert code == 0 and "fluxion inpaint: note: the mask is all black" in err
     assert np.array_equal(pixels(out), pixels(src))

@@ -39,9 +39,16 @@ def test_denoised_estimate_recovers_x0_of_a_straight_path():
 
 
 def test_shipped_map_matches_a_fresh_fit(tiny):
+    # The least-squares system is ill-conditioned enough that thread-count-dependent rounding moves single
+    # weights by ~1e-2, so compare what the maps draw, on images neither fit saw.
+    from fluxion.sampling.preview import _fit_images
+
     shipped = PreviewMap.load(embedded_model_dir() / PREVIEW_FILE)
     fresh = fit_preview_map(tiny.vae)
-    assert torch.allclose(shipped.weight, fresh.weight, atol=1e-4)
+    z = tiny.vae.encode(_fit_images(8, 128, seed=99))
+    tokens = z.permute(0, 2, 3, 1).reshape(8, -1, z.shape[1])
+    a, b = shipped.project(tokens, z.shape[2], z.shape[3]), fresh.project(tokens, z.shape[2], z.shape[3])
+    assert float(10 * torch.log10(4 / ((a - b) ** 2).mean())) > 40  # 117 dB in one process; less across thread counts
     assert preview_map_for(tiny.vae, embedded_model_dir()).weight.shape == (128, 3)
 
 

@@ -215,6 +215,9 @@ def build_models(smoke: bool, device: str):
         def encode(self, prompts, *, dtype=torch.bfloat16):
             return self.encode_tokens(self.tokenize(list(prompts)), dtype=dtype)
 
+        def token_counts(self, prompts):  # every prompt is exactly max_length ids here
+            return [te_cfg.max_length] * len(prompts)
+
     te = RandomTokens(hf, tokenizer=None, cfg=te_cfg)
     model = build_ours(tcfg, device=device, dtype=torch.bfloat16 if not smoke else torch.float32)
     with torch.device(device):
@@ -364,7 +367,7 @@ def diffusers_loop(args, models, hf, sizes, steps, report, deadline) -> None:
     with torch.device("meta"):
         dv = AutoencoderKLFlux2(**kw)
     dv.load_state_dict(vae_bfl_to_diffusers(models.vae.state_dict()), strict=True, assign=True)
-    dv = dv.to(device).eval()
+    dv = dv.to(device, next(models.vae.parameters()).dtype).eval()  # one dtype, as our VAE
     sched = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,

@@ -48,7 +48,8 @@ def test_shipped_map_matches_a_fresh_fit(tiny):
     z = tiny.vae.encode(_fit_images(8, 128, seed=99))
     tokens = z.permute(0, 2, 3, 1).reshape(8, -1, z.shape[1])
     a, b = shipped.project(tokens, z.shape[2], z.shape[3]), fresh.project(tokens, z.shape[2], z.shape[3])
-    assert float(10 * torch.log10(4 / ((a - b) ** 2).mean())) > 40  # 117 dB in one process; less across thread counts
+    # 117 dB in one process; less across thread counts
+    assert float(10 * torch.log10(4 / ((a - b) ** 2).mean())) > 40
     assert preview_map_for(tiny.vae, embedded_model_dir()).weight.shape == (128, 3)
 
 

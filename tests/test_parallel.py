@@ -198,3 +198,41 @@ def test_generate_on_two_processes_matches_one():
         generate_on_gpus(
             replace(request, width=144, height=144), 2, device_type="cpu", parallel=ParallelOptions(ulysses=2)
         )
+
+
+def test_cli_gpus_refuses_what_it_cannot_combine_yet(tmp_path, capsys):
+    from fluxion.cli import main
+
+    code = main(
+        ["generate", "x", "-o", str(tmp_path / "o.png"), "--gpus", "2", "--device", "cpu", "--preview"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "--gpus > 1 does not combine with --preview" in err and err.count("\n") == 1
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.slow
+def test_cli_gpus_2_on_cpu_processes_matches_one_process(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from fluxion.cli import main
+
+    base = [
+        "generate",
+        "a red heart",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "-W",
+        "64",
+        "-H",
+        "64",
+        "--seed",
+        "1",
+    ]
+    assert main([*base, "-o", str(tmp_path / "one.png"), "--no-watermark"]) == 0
+    assert main([*base, "-o", str(tmp_path / "two.png"), "--no-watermark", "--gpus", "2"]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("one", "two"))
+    assert np.abs(a - b).max() <= 1  # fp32 rounding of the split attention

@@ -519,6 +519,8 @@ def _generate(args: argparse.Namespace, refs: list) -> int:
     request, params = build_request(args, args.prompt, refs)
     loras = loras_for(args, params)
     preflight(args)
+    if (getattr(args, "gpus", None) or 1) > 1:
+        return _generate_on_gpus(args, request, refs, loras)
     models = load(args, loras)
     if refs and request.width is None and request.height is None:
         width, height = edit_size(models, refs)
@@ -527,6 +529,31 @@ def _generate(args: argparse.Namespace, refs: list) -> int:
     request, originals = upsample(args, request, models, refs)
     results = generate(models, request, progress=progress_bar(), preview=terminal_preview(args, models))
     save_all(with_originals(results, originals), args.output, loras, watermark=not args.no_watermark)
+    return 0
+
+
+def _generate_on_gpus(args: argparse.Namespace, request, refs: list, loras) -> int:
+    """--gpus N: one process per GPU (sequence / CFG parallel, accel/parallel.py); rank 0's images come back."""
+    from fluxion.accel.launch import cli_options, generate_on_gpus
+
+    unsupported = [
+        flag
+        for flag, on in (
+            ("-i (editing)", refs),
+            ("--lora", loras),
+            (
+                "--fp8/--quant/--compile/--cuda-graphs",
+                any(getattr(args, k, None) for k in ("fp8", "weight_only", "compile", "cuda_graphs")),
+            ),
+            ("--preview", getattr(args, "preview", False)),
+            ("--upsample-prompt", getattr(args, "upsample_prompt", None)),
+        )
+        if on
+    ]
+    if unsupported:
+        raise ValueError(f"--gpus > 1 does not combine with {', '.join(unsupported)} yet; drop one of them")
+    results = generate_on_gpus(request, args.gpus, progress=progress_bar, **cli_options(args))
+    save_all(results, args.output, watermark=not args.no_watermark)
     return 0
 
 
@@ -884,7 +911,8 @@ class Command(NamedTuple):
 
 
 def _generate_options() -> list[Option]:
-    return [PROMPTS, OUTPUT, *sampling_options(), *model_options(), *accel_options(), *STUDIO, UPSAMPLE]
+    gpus = opt("--gpus", type=int, help="GPUs for one generation (sequence / CFG parallel, one process each)")
+    return [PROMPTS, OUTPUT, *sampling_options(), *model_options(), *accel_options(), *STUDIO, UPSAMPLE, gpus]
 
 
 def _edit_options() -> list[Option]:

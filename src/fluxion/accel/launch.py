@@ -158,6 +158,6 @@ def cli_options(args: argparse.Namespace) -> dict:
     """The model options of a `fluxion generate` namespace, as keyword arguments of `generate_on_gpus`."""
     names = ("model", "preset", "vae", "text", "dtype", "offload", "prompt_cache")
     options = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    if (getattr(args, "device", None) or "").startswith("cpu"):  # --device cpu: CPU processes over gloo
+    if str(getattr(args, "device", None) or "").startswith("cpu"):  # --device cpu: CPU processes over gloo
         options["device_type"] = "cpu"
     return options

@@ -26,3 +26,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         if "slow" in item.keywords and not run_slow:
             item.add_marker(not_now)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """`fluxion` commands run in-process pick a CPU thread count for the machine's load (cli.configure_threads);
+    keep that from leaking into the next test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

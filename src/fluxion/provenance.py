@@ -43,7 +43,13 @@ def _bgr(image: Image.Image) -> np.ndarray:
 def add_watermark(image: Image.Image) -> Image.Image:
     """The image with the fluxion mark embedded (RGB out; alpha, if any, is dropped). PSNR 34-39 dB
     (benchmarks/bench_watermark.py)."""
-    from imwatermark.dwtDctSvd import EmbedDwtDctSvd
+    try:
+        from imwatermark.dwtDctSvd import EmbedDwtDctSvd
+    except ImportError:
+        raise ValueError(
+            "the invisible watermark needs the invisible-watermark package (pip install invisible-watermark), "
+            "or pass --no-watermark"
+        ) from None
 
     if min(image.size) < MIN_SIDE:
         raise ValueError(

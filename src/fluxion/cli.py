@@ -498,7 +498,9 @@ def verify_main(args: argparse.Namespace) -> int:
     print(f"{report['file']}")
     print(f"  watermark: {found} ({mark['matching_bits']}/{mark['of']} bits match)")
     c = report["c2pa"]
-    if c is None:
+    if not report["c2pa_checked"]:
+        print('  c2pa: not checked (pip install "fluxion[provenance]" to read C2PA manifests)')
+    elif c is None:
         print("  c2pa: no manifest")
     else:
         print(f"  c2pa: {', '.join(c['actions'])} by {', '.join(c['claim_generator'])}; model {c['model']}")

@@ -178,11 +178,18 @@ def verify(path: str | Path) -> dict:
         fmt = im.format
         im.load()
         mark = detect_watermark(im)
-    manifest = read_c2pa(data, _MIME[fmt]) if fmt in _MIME else None
+    try:
+        import c2pa  # noqa: F401  (the [provenance] extra)
+
+        checked = True
+    except ImportError:
+        checked = False
+    manifest = read_c2pa(data, _MIME[fmt]) if checked and fmt in _MIME else None
     report = {
         "file": str(path),
         "watermark": {"found": mark.found, "matching_bits": mark.matching_bits, "of": len(MARK_BITS)},
         "c2pa": None,
+        "c2pa_checked": checked,  # False: c2pa-python is not installed (pip install "fluxion[provenance]")
     }
     if manifest is not None:
         m = manifest["manifest"]

@@ -110,10 +110,10 @@ def run_stage(stage: str, args, work: Path, report: dict) -> None:
             return
         from fluxion.curate.tinyset.tinyset import main as tinyset_main
 
-        # Only the sizes this call's stages read (a second call needs 128² alone).
+        # Only the sizes this call's stages read (a second call needs 128² alone); a data-only call builds all.
         sizes = (
             SIZES
-            if "pretrain64" in args.stage_list
+            if "pretrain64" in args.stage_list or args.stage_list == ["data"]
             else SIZES[1:]
             if "pretrain128" in args.stage_list
             else SIZES[1:2]
@@ -141,6 +141,8 @@ def run_stage(stage: str, args, work: Path, report: dict) -> None:
         argv = ["--data", str(data / "128x128"), "--out", str(work / "pairs"), "--model", str(model),
                 "--preset", "fluxion-tiny", "--vae", vae, "--prompts", str(args.pairs_prompts),
                 "--candidates", "4", "--min-gap", "0.1"]  # fmt: skip
+        if text:
+            argv += ["--text", text]
         if args.smoke:
             argv += ["--steps", "2", "--min-gap", "0", "--no-ocr"]
         subprocess.run([sys.executable, "-m", "fluxion.train.pairs", *argv], check=True)

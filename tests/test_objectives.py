@@ -207,5 +207,6 @@ def test_pairs_from_own_generations_feed_dpo(parts, tmp_path):
     pairs = PairSet(tmp_path / "pairs")
     win, lose = pairs.pair(0)
     assert win.caption == "a red square" and win.image.shape == lose.image.shape
+    assert not torch.equal(win.image, lose.image)  # candidates of one prompt have their own seeds
     r = pairs.pairs[0]["rewards"]
     assert r[0] >= r[1]

@@ -194,3 +194,29 @@ def _png(arr, Image, io) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_prefetcher_draws_the_same_batches_and_resumes_at_the_same_place(tmp_path):
+    """The GPU path draws batches in a background thread; batches and checkpointed sampler state must be those
+    of the plain sampler (the state after the last batch handed out, not after those drawn ahead)."""
+    import numpy as np
+
+    from fluxion.train.data import BatchSampler, Prefetcher, TinySet
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    np.save(folder / "images.npy", np.arange(40 * 8 * 8 * 3, dtype=np.uint8).reshape(40, 8, 8, 3))
+    (folder / "captions.jsonl").write_text("".join(json.dumps({"caption": f"c{i}"}) + "\n" for i in range(40)))
+
+    def sampler():
+        return BatchSampler([TinySet(folder)], batch_size=3, seed=7)
+
+    plain, ahead = sampler(), Prefetcher(sampler(), depth=3)
+    for _ in range(4):
+        assert [s.caption for s in plain.next_batch()] == [s.caption for s in ahead.next_batch()]
+    state = ahead.state_dict()
+    assert state == plain.state_dict()  # although the thread has drawn up to 3 batches further
+    resumed = Prefetcher(sampler())
+    resumed.load_state_dict(state)
+    for _ in range(3):
+        assert [s.caption for s in plain.next_batch()] == [s.caption for s in resumed.next_batch()]

@@ -246,3 +246,54 @@ def open_sources(paths, pixels: int = 128 * 128) -> list:
         else:
             out.append(ImageFolder(p, pixels))
     return out
+
+
+class Prefetcher:
+    """Draws the next batches of a sampler in a background thread while the GPU runs the current step.
+
+    The sampler's own draws are unchanged (one thread, in order), so a run sees exactly the batches it would
+    see without this. `state_dict` is the sampler's state right after the last batch handed out (not after the
+    ones drawn ahead), so a checkpoint resumes at the same batch as without prefetching.
+    """
+
+    def __init__(self, sampler, depth: int = 2):
+        import queue
+
+        self.sampler, self.depth = sampler, depth
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = None
+        self._state = None  # state after the last batch handed out; None: none handed out yet
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._thread is not None:
+            raise RuntimeError("load the sampler state before the first batch is drawn")
+        self.sampler.load_state_dict(state)
+
+    def state_dict(self) -> dict:
+        return self._state if self._state is not None else self.sampler.state_dict()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                batch = self.sampler.next_batch()
+                item = (batch, self.sampler.state_dict(), None)
+            except BaseException as e:  # handed to the consumer, raised there
+                item = (None, None, e)
+            self._queue.put(item)
+            if item[2] is not None:
+                return
+
+    def next_batch(self):
+        if self._thread is None:
+            import threading
+
+            self._thread = threading.Thread(target=self._run, name="batch-prefetch", daemon=True)
+            self._thread.start()
+        batch, state, error = self._queue.get()
+        if error is not None:
+            raise error
+        self._state = state
+        return batch
+
+    def __getattr__(self, name):  # everything else (sources, batch_size, ...) is the sampler's
+        return getattr(self.sampler, name)

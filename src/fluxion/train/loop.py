@@ -189,6 +189,10 @@ def main(cfg: TrainConfig) -> dict:
     # One RNG stream per rank for noise, times and caption dropout; data order likewise offset by rank.
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     sampler = objective.sampler(cfg, rank)
+    if device.type == "cuda":  # CPU batch drawing overlaps the GPU step (same batches, same resume state)
+        from fluxion.train.data import Prefetcher
+
+        sampler = Prefetcher(sampler)
 
     start = load_train_state(out, sharded, opt, ema, sampler, gen, rank)
     log = (out / "log.jsonl").open("a") if rank == 0 else None

@@ -76,27 +76,36 @@ class Rewards:
             rank = retrieval_ranks(self.scorer, image[None], self._emb, [self.labels.index(record["label"])])[
                 0
             ]
-            parts.append(1.0 / rank)
+            parts.append(1.0 / (rank + 1))  # rank 0 is the best
         return float(sum(parts))
 
 
 def make_pairs(models, records: list[dict], out: Path, *, candidates: int, steps: int | None, min_gap: float,
-               rewards: Rewards, seed: int = 0, log=print) -> dict:  # fmt: skip
+               rewards: Rewards, seed: int = 0, chunk: int = 16, log=print) -> dict:  # fmt: skip
     from fluxion.request import Request
     from fluxion.sampling.pipeline import generate
 
     images, pairs = [], []
-    for i, rec in enumerate(records):
-        req = Request(prompt=[rec["caption"]] * candidates, seed=seed + i * candidates, steps=steps)
+    # `chunk` prompts x `candidates` images per call (one batch on the GPU); candidate j of prompt i has seed
+    # seed + i * candidates + j, so the candidates differ and the pairs do not depend on the chunking.
+    for c0 in range(0, len(records), chunk):
+        recs = records[c0 : c0 + chunk]
+        req = Request(
+            prompt=[r["caption"] for r in recs for _ in range(candidates)],
+            seeds=tuple(seed + i * candidates + j for i in range(c0, c0 + len(recs)) for j in range(candidates)),
+            steps=steps,
+        )
         outs = [np.asarray(r.image.convert("RGB")) for r in generate(models, req)]
-        scores = [rewards(rec, im) for im in outs]
-        best, worst = int(np.argmax(scores)), int(np.argmin(scores))
-        if scores[best] - scores[worst] >= min_gap:
-            images += [outs[best], outs[worst]]
-            pairs.append({"prompt": rec["caption"], "win": len(images) - 2, "lose": len(images) - 1,
-                          "rewards": [round(scores[best], 4), round(scores[worst], 4)]})  # fmt: skip
-        if log and (i + 1) % 50 == 0:
-            log(f"{i + 1}/{len(records)} prompts, {len(pairs)} pairs")
+        for k, rec in enumerate(recs):
+            cands = outs[k * candidates : (k + 1) * candidates]
+            scores = [rewards(rec, im) for im in cands]
+            best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+            if scores[best] - scores[worst] >= min_gap:
+                images += [cands[best], cands[worst]]
+                pairs.append({"prompt": rec["caption"], "win": len(images) - 2, "lose": len(images) - 1,
+                              "rewards": [round(scores[best], 4), round(scores[worst], 4)]})  # fmt: skip
+        if log:
+            log(f"{c0 + len(recs)}/{len(records)} prompts, {len(pairs)} pairs")
     if not pairs:
         raise ValueError("no prompt gave candidates whose rewards differ by min_gap; lower --min-gap")
     tmp = out.with_name(out.name + ".tmp")

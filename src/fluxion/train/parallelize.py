@@ -21,6 +21,10 @@ def parallelize(model: nn.Module, cfg, world_size: int, precision=None) -> nn.Mo
                 blocks_list[i] = checkpoint_wrapper(block, preserve_rng_state=False)
         blocks = [*model.double_blocks, *model.single_blocks]
     if cfg.compile:
+        import torch._dynamo
+
+        # A graph that fails to compile runs eagerly (with dynamo's warning) instead of ending a long run.
+        torch._dynamo.config.suppress_errors = True
         for block in blocks:
             block.compile()  # in place: parameter names are unchanged
     if cfg.fsdp and world_size > 1:

@@ -265,7 +265,8 @@ def run_load_with_kill(tmp_path, n: int, concurrency: int = 32):
     srv.kill9()
     t.join()
     accepted = result["accepted"]
-    assert len(accepted) >= n // 3
+    # the kill waited for n // 3 jobs in the store; a few of their responses may not have reached the client
+    assert len(accepted) >= n // 4
     srv2 = Proc(args, tmp_path / "server2.log", port)
     try:
         srv2.wait_ready()

@@ -155,7 +155,7 @@ class Metrics:
         )
         self.admitted = Counter(
             "fluxion_admitted",
-            "jobs admitted into a running batch at a step boundary (continuous batching)",
+            "jobs that joined a batch already denoising, at a step boundary (continuous batching)",
             registry=self.registry,
         )
         self.images = Counter(
@@ -246,9 +246,8 @@ class _Row:
     original: str | None  # the prompt before upsampling, when it was rewritten
     x: torch.Tensor
     ctx: torch.Tensor  # [1, L, C_txt]
-    ready: object = (
-        None  # CUDA event the tensors above wait on (made on the prep stream); None on CPU / inline
-    )
+    # the CUDA event the tensors above wait on (made on the prep stream); None on the CPU or inline
+    ready: object = None
     step: int = 0
     prev: torch.Tensor | None = field(default=None, repr=False)  # the state before the last step (previews)
 
@@ -262,7 +261,7 @@ class Worker:
         moderator: Moderator,
         metrics: Metrics,
         on_change=None,
-        overlap: bool = True,
+        overlap: bool | None = None,
     ):
         self.cfg, self.store, self.models, self.moderator, self.metrics = (
             cfg,
@@ -285,6 +284,7 @@ class Worker:
         # CPU offload moves components between devices per call: their users must not run at the same time.
         offload = any(m.offload for m in models.values())
         cuda = any(m.device.type == "cuda" for m in models.values())
+        overlap = cfg.overlap if overlap is None else overlap
         self.overlap = Overlap(overlap and not offload, cuda)
 
     def upsampler(self):
@@ -422,28 +422,48 @@ class Worker:
         )
 
     @torch.no_grad()
-    def _prepare(self, sh: _Shape, job: st.Job) -> _Row:
-        """Prefetch thread: prompt (upsampled if asked) -> embedding, and the job's noise, as `generate` makes
-        them for this job alone (one prompt per encoder call, one generator seeded with the job's seed)."""
+    def _prepare(self, sh: _Shape, jobs: list[st.Job]) -> list:
+        """Prefetch thread: the prompts of jobs claimed together (upsampled if asked) -> embeddings in one encoder
+        call, and each job's noise from its own generator seeded with its seed, as `generate` draws it. Returns
+        one `_Row` or one exception (that job's failure) per job."""
         from fluxion.sampling.pipeline import draw_noise, encode_prompts
 
-        prompt, original = job.params["prompt"], None
-        if job.params.get("prompt_upsampling"):
-            if not self.cfg.upsampler:
-                raise ValueError("prompt_upsampling: this server has no upsampler (--upsampler FOLDER)")
-            up = self.upsampler()(prompt, [])
-            original, prompt = up.original, up.prompt
+        out: list = [None] * len(jobs)
+        todo, prompts, originals = [], [], []
+        for i, job in enumerate(jobs):
+            prompt, original = job.params["prompt"], None
+            try:
+                if job.params.get("prompt_upsampling"):
+                    if not self.cfg.upsampler:
+                        raise ValueError(
+                            "prompt_upsampling: this server has no upsampler (--upsampler FOLDER)"
+                        )
+                    up = self.upsampler()(prompt, [])
+                    original, prompt = up.original, up.prompt
+            except Exception as e:
+                out[i] = e
+                continue
+            todo.append(i)
+            prompts.append(prompt)
+            originals.append(original)
+        if not todo:
+            return out
         models = sh.models
         with self.overlap.on_side_stream():
-            ctx = encode_prompts(models, [prompt])
+            ctx = encode_prompts(models, prompts)  # [n, L, C_txt]
             if sh.guidance.mode == "cfg" and sh.neg is None:  # the server's requests have no negative prompt
                 sh.neg = encode_prompts(models, [""])
-            x = draw_noise(models.spec, [job.params["seed"]], sh.h, sh.w, models.device, models.dtype)
+            xs = [
+                draw_noise(models.spec, [jobs[i].params["seed"]], sh.h, sh.w, models.device, models.dtype)
+                for i in todo
+            ]
             ready = None
             if self.overlap.stream() is not None:
                 ready = torch.cuda.Event()
                 ready.record()
-        return _Row(job=job, prompt=prompt, original=original, x=x, ctx=ctx, ready=ready)
+        for k, i in enumerate(todo):
+            out[i] = _Row(jobs[i], prompts[k], originals[k], x=xs[k], ctx=ctx[k : k + 1], ready=ready)
+        return out
 
     def _run_continuous(
         self,
@@ -459,22 +479,43 @@ class Worker:
         from fluxion.sampling.preview import denoised_estimate, preview_map_for_models
 
         sh = self._shape(first[0])
-        models, steps = sh.models, sh.steps
+        models, steps, max_batch = sh.models, sh.steps, self.cfg.max_batch
         cuda = models.device.type == "cuda"
         if sh.model not in self.preview_maps:
             self.preview_maps[sh.model] = preview_map_for_models(models, self.paths.get(sh.model))
         pmap = self.preview_maps[sh.model]
         self.metrics.batch_size.observe(len(first))
-        pending: list[tuple[st.Job, Future]] = []  # claimed, prompt being encoded
-        rows: list[_Row] = []
+        pending: list[tuple[list[st.Job], Future]] = []  # claimed together, prompts being encoded
+        ready: list[_Row] = []  # encoded, waiting for a free row
+        rows: list[_Row] = []  # denoising
 
         def admit(jobs: list[st.Job]) -> None:
             for j in jobs:
                 open_jobs[j.id] = j
                 if j.cancel:
                     self._cancel(token, j.id, open_jobs)
-                else:
-                    pending.append((j, self.overlap.prep(self._prepare, sh, j)))
+            jobs = [j for j in jobs if j.id in open_jobs]
+            if jobs:
+                pending.append((jobs, self.overlap.prep(self._prepare, sh, jobs)))
+
+        def collect(jobs: list[st.Job], fut: Future) -> None:
+            try:
+                made = fut.result()
+            except Exception as e:  # the whole encoder call failed
+                made = [e] * len(jobs)
+            for j, row in zip(jobs, made):
+                if j.id not in open_jobs:  # cancelled while its prompt was encoded
+                    continue
+                if isinstance(row, Exception):
+                    self._fail(token, j, row, open_jobs)
+                    continue
+                if row.ready is not None:  # made on the prep stream: order it before our use
+                    main = torch.cuda.current_stream()
+                    main.wait_event(row.ready)
+                    for t in (row.x, row.ctx, sh.neg):
+                        if t is not None:
+                            t.record_stream(main)
+                ready.append(row)
 
         names = []
         started, n_jobs = time.perf_counter(), 0
@@ -488,31 +529,24 @@ class Worker:
             prev_done = None  # event of the previous step: the CPU runs at most one step ahead
             last_beat = last_live = 0.0
             t_step = time.perf_counter()
-            while rows or pending:
+            while rows or ready or pending:
                 # -- adopt prepared rows (wait only when there is nothing to denoise meanwhile)
-                if not rows:
+                if not rows and not ready:
                     wait([f for _, f in pending], return_when=FIRST_COMPLETED)
-                still = []
-                for j, fut in pending:
-                    if not fut.done() or len(rows) >= self.cfg.max_batch:
-                        still.append((j, fut))
-                        continue
-                    if j.id not in open_jobs:  # cancelled while its prompt was encoded
-                        continue
-                    try:
-                        row = fut.result()
-                    except Exception as e:
-                        self._fail(token, j, e, open_jobs)
-                        continue
-                    if row.ready is not None:  # made on the prep stream: order it before our use
-                        main = torch.cuda.current_stream()
-                        main.wait_event(row.ready)
-                        for t in (row.x, row.ctx, sh.neg):
-                            if t is not None:
-                                t.record_stream(main)
-                    rows.append(row)
-                    n_jobs += 1
-                pending = still
+                still, done_now = [], []
+                for p in pending:
+                    (done_now if p[1].done() else still).append(p)
+                pending[:] = still
+                for jobs, fut in done_now:
+                    collect(jobs, fut)
+                running = any(r.step > 0 for r in rows)
+                while ready and len(rows) < max_batch:
+                    row = ready.pop(0)
+                    if row.job.id in open_jobs:
+                        rows.append(row)
+                        n_jobs += 1
+                        if running:  # joins a batch already denoising: continuous batching at work
+                            self.metrics.admitted.inc()
                 if not rows:
                     continue
                 # -- one step of every row, each at its own place in the schedule
@@ -553,7 +587,8 @@ class Worker:
                 if now - last_beat >= 0.25 or not rows:
                     last_beat = now
                     progress = {r.job.id: r.step / steps for r in rows}
-                    progress.update({j.id: 0.0 for j, _ in pending})
+                    progress.update({r.job.id: 0.0 for r in ready})
+                    progress.update({j.id: 0.0 for jobs, _ in pending for j in jobs})
                     for job_id in self.store.heartbeat(token, self.cfg.lease_s, progress) & set(open_jobs):
                         self._cancel(token, job_id, open_jobs)
                         log.info("cancelled", extra={"event": "cancelled", "job": job_id})
@@ -574,12 +609,11 @@ class Worker:
                 # -- admission at the step boundary: queued jobs of this key take free rows; rows finishing at
                 # the next step count as free, so those jobs' prompts are encoded while that step runs
                 if not stop.is_set():
-                    room = self.cfg.max_batch - len(rows) - len(pending)
+                    room = max_batch - len(rows) - len(ready) - sum(len(jobs) for jobs, _ in pending)
                     room += sum(r.step == steps - 1 for r in rows)
                     if room > 0:
                         more = self.store.claim_more(token, self.id, [sh.model], room, self.cfg.lease_s)
                         if more:
-                            self.metrics.admitted.inc(len(more))
                             log.info(
                                 "admitted",
                                 extra={"event": "admitted", "jobs": [j.id for j in more], "rows": len(rows)},

@@ -135,6 +135,7 @@ class Job:
     webhook_url: str | None
     webhook_secret: str | None
     webhook_state: str | None
+    webhook_attempts: int  # deliveries tried so far (webhooks.py picks the back-off from it)
 
     @staticmethod
     def from_row(r) -> Job:

@@ -6,9 +6,11 @@ batch, one transformer forward per step, and at every step boundary the worker a
 key into the running batch (`Store.claim_more`, under the same claim), up to `max_batch` rows. Each row stands at
 its own step of the shared schedule (`sampling.denoise.euler_step_rows`: a per-row time vector and dt); a row
 that reaches t = 0 leaves the batch and is decoded, encoded and stored while the others go on. Each job's
-image equals the same job run alone with the same seed up to the rounding of a batched forward (the noise,
-prompt embedding, schedule and decode are the solo run's, per job). Jobs with input images (and OpenAI
-`partial_images` jobs) run alone through `pipeline.generate` / `inpaint`.
+image equals the same job run alone with the same seed up to float rounding: its noise (its own generator),
+schedule and decode (batch 1) are the solo run's bit for bit; the batched transformer forward, and the one
+text-encoder call for the prompts of jobs claimed together, round differently from batch 1 (fluxion-tiny on
+the CPU: at most 1 level in 1 of ~12,000 pixel values, tests/test_serve_engine.py). Jobs with input images (and
+OpenAI `partial_images` jobs) run alone through `pipeline.generate` / `inpaint`.
 
 Overlap: text encoding of admitted jobs (and of the jobs about to take a finishing row's place) runs on a
 prefetch thread, and the VAE decode + image encode + store of finished rows on finisher threads; on CUDA each

@@ -13,7 +13,7 @@ unless --compile: a server sees every batch size up to --max-batch). For each pr
     PIL conversion, no HTTP, store or image encode), the reference for the server overhead;
   - the server as built (continuous batching up to --max-batch, text encoding and decode/encode/store on
     threads beside the denoise loop) at concurrency 1 / 8 / 32;
-  - the naive server (batch 1, everything inline: one request at a time) at concurrency 1 / 8;
+  - the naive server (batch 1, everything inline: one request at a time) at concurrency 1 / 8 / 32;
 and diffusers' Flux2KleinPipeline called in a loop on the same bf16 weights; last, one row with the invisible
 watermark on (the `fluxion serve` default; off elsewhere, as it is CPU work outside the issue's overhead list).
 Each server row records whether continuous batching was used (jobs admitted into a running batch, from the
@@ -440,6 +440,10 @@ def gpu(args, report: Report) -> None:
                             continue
                         if args.smoke:
                             n = max(2, c)
+                        elif (
+                            batch == 1
+                        ):  # one at a time: its rate does not depend on c; one request per client
+                            n = {1: 6, 8: 16}.get(c, c)
                         else:
                             n = {1: 6, 8: 32 if size <= 512 else 24}.get(c, 3 * c if size <= 512 else 2 * c)
                         before = engine_stats(srv.url)
@@ -466,7 +470,7 @@ def gpu(args, report: Report) -> None:
     levels = (1, 8) if args.smoke else (1, 8, 32)
     main = [
         (f"server (continuous batching, max batch {mb})", mb, True, False, levels),
-        ("naive server (batch 1, one request at a time)", 1, False, False, (1, 8)),
+        ("naive server (batch 1, one request at a time)", 1, False, False, levels),
     ]
     # In order of importance (rows stop at the budget): bf16 library reference, server and naive server;
     # diffusers on the same bf16 weights; then the fp8 transformer (converted in place) through the same; last

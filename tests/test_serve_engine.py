@@ -240,3 +240,19 @@ def test_store_claim_more_same_key_fifo_fair_one_claim(tmp_path):
     assert [j.id for j in nxt] == other  # the oldest waiting key runs next
     assert [j.id for j in store.claim_more(token, "w1", ["m"], 10, 60)] == late  # no foreign job waits now
     assert store.finish(late[0], token, st.READY, image=b"x", media_type="image/png", seed=1, worker="w1")
+
+
+def test_a_failing_job_fails_alone(tmp_path, models):
+    """A job whose preparation fails (prompt upsampling on a server without an upsampler) ends Error with the
+    fix in its message; the job claimed with it is stored Ready."""
+    bad = job_spec("a red heart", 1, steps=2)
+    bad["params"]["prompt_upsampling"] = True
+    run = Running(tmp_path, models)
+    ids = run.store.submit([bad, job_spec("a blue square", 2, steps=2)], key_id=None)
+    run.start()
+    try:
+        jobs = run.wait(ids)
+    finally:
+        run.close()
+    assert jobs[ids[0]].status == st.ERROR and "--upsampler" in jobs[ids[0]].error
+    assert jobs[ids[1]].status == st.READY and jobs[ids[1]].claim == jobs[ids[0]].claim

@@ -467,6 +467,7 @@ class Worker:
             out[i] = _Row(jobs[i], prompts[k], originals[k], x=xs[k], ctx=ctx[k : k + 1], ready=ready)
         return out
 
+    @torch.no_grad()
     def _run_continuous(
         self,
         token: str,

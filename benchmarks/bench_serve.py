@@ -411,7 +411,12 @@ def gpu(args, report: Report) -> None:
     mb = args.max_batch
     report.data["meta"].update(
         {
-            "engine": "continuous batching (admission at step boundaries) + overlap threads",
+            "engine": "continuous batching (admission at step boundaries)"
+            + (
+                ""
+                if args.no_overlap
+                else " + overlap threads (prefetch encode, finisher decode/encode/store)"
+            ),
             "max_batch": mb,
             "compile": bool(args.compile),
             "watermark": "off except the rows labelled '+ watermark'",
@@ -469,7 +474,7 @@ def gpu(args, report: Report) -> None:
 
     levels = (1, 8) if args.smoke else (1, 8, 32)
     main = [
-        (f"server (continuous batching, max batch {mb})", mb, True, False, levels),
+        (f"server (continuous batching, max batch {mb})", mb, not args.no_overlap, False, levels),
         ("naive server (batch 1, one request at a time)", 1, False, False, levels),
     ]
     # In order of importance (rows stop at the budget): bf16 library reference, server and naive server;
@@ -487,7 +492,8 @@ def gpu(args, report: Report) -> None:
         apply(models.transformer, AccelOptions(attention=fast, fp8=True, **compiled))
     library_rows(models, sizes, steps, (1, mb), "fp8", report, refs, deadline, args.smoke)
     server_rows("fp8", main)
-    server_rows("fp8", [(f"server (max batch {mb}) + watermark", mb, True, True, (8,))], sizes=sizes[-1:])
+    wm = [(f"server (max batch {mb}) + watermark", mb, not args.no_overlap, True, (8,))]
+    server_rows("fp8", wm, sizes=sizes[-1:])
 
 
 def diffusers_loop(args, models, hf, sizes, steps, report, deadline) -> None:
@@ -598,6 +604,11 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--n-min", type=int, default=16, help="CPU: requests per concurrency level (at least)")
     ap.add_argument("--budget-s", type=float, default=330, help="GPU: start no new row after this (s)")
+    ap.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="GPU: the batching server without its prefetch / finisher threads (as `fluxion serve --no-overlap`)",
+    )
     ap.add_argument(
         "--compile", action="store_true", help="GPU: regional compile, dynamic batch (slow start)"
     )

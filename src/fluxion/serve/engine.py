@@ -179,8 +179,8 @@ class Overlap:
     its kernels on a stream of its own, made once per thread. Disabled: the same functions, inline on the
     worker thread (CPU offload, or to compare)."""
 
-    def __init__(self, enabled: bool, cuda: bool, finishers: int = 2):
-        self.enabled, self.cuda = enabled, cuda
+    def __init__(self, enabled: bool, device: torch.device | None, finishers: int = 2):
+        self.enabled, self.device = enabled, device  # device: the models' CUDA device, None off CUDA
         self.prep_pool = ThreadPoolExecutor(1, "fluxion-prep") if enabled else None
         self.finish_pool = ThreadPoolExecutor(finishers, "fluxion-finish") if enabled else None
         self._local = threading.local()
@@ -204,11 +204,11 @@ class Overlap:
 
     def stream(self):
         """This thread's side stream (CUDA, overlap on), else None."""
-        if not (self.cuda and self.enabled):
+        if self.device is None or not self.enabled:
             return None
         s = getattr(self._local, "stream", None)
         if s is None:
-            s = self._local.stream = torch.cuda.Stream()
+            s = self._local.stream = torch.cuda.Stream(device=self.device)
         return s
 
     def on_side_stream(self):
@@ -285,7 +285,7 @@ class Worker:
             self.signer = C2PASigner.from_files(cfg.c2pa_cert, cfg.c2pa_key)
         # CPU offload moves components between devices per call: their users must not run at the same time.
         offload = any(m.offload for m in models.values())
-        cuda = any(m.device.type == "cuda" for m in models.values())
+        cuda = next((m.device for m in models.values() if m.device.type == "cuda"), None)
         overlap = cfg.overlap if overlap is None else overlap
         self.overlap = Overlap(overlap and not offload, cuda)
 
@@ -462,7 +462,7 @@ class Worker:
             ready = None
             if self.overlap.stream() is not None:
                 ready = torch.cuda.Event()
-                ready.record()
+                ready.record(self.overlap.stream())
         for k, i in enumerate(todo):
             out[i] = _Row(jobs[i], prompts[k], originals[k], x=xs[k], ctx=ctx[k : k + 1], ready=ready)
         return out
@@ -513,7 +513,7 @@ class Worker:
                     self._fail(token, j, row, open_jobs)
                     continue
                 if row.ready is not None:  # made on the prep stream: order it before our use
-                    main = torch.cuda.current_stream()
+                    main = torch.cuda.current_stream(models.device)
                     main.wait_event(row.ready)
                     for t in (row.x, row.ctx, sh.neg):
                         if t is not None:
@@ -572,7 +572,7 @@ class Worker:
                 step_done = None
                 if cuda:
                     step_done = torch.cuda.Event()
-                    step_done.record()
+                    step_done.record(torch.cuda.current_stream(models.device))
                     if prev_done is not None:
                         prev_done.synchronize()
                     prev_done = step_done

@@ -1,17 +1,26 @@
-"""`fluxion serve` under load: images per minute and latency percentiles (submit -> Ready seen by polling, as a
-BFL client sees it) at concurrency 1 / 8 / 32.
+"""`fluxion serve` under load: images per minute and latency percentiles (submit -> image downloaded, as a BFL
+client sees it) at concurrency 1 / 8 / 32.
 
-    python benchmarks/bench_serve.py                    # CPU: fluxion-tiny through a real `fluxion serve` process
-    python benchmarks/bench_serve.py --gpu              # one GPU: klein-4B real size, random weights (< 8 min)
-    python benchmarks/bench_serve.py --gpu --smoke      # the GPU code path at toy sizes on the CPU
+    python benchmarks/bench_serve.py                          # CPU: fluxion-tiny through a real `fluxion serve`
+    python benchmarks/bench_serve.py --gpu --out DIR          # one GPU: klein-4B real size, random weights (< 7 min)
+    python benchmarks/bench_serve.py --gpu --smoke --out DIR  # the GPU code path at toy sizes on the CPU
 
-Clients wait on each job's event stream (/v1/jobs/ID/events), then download the image.
+Clients wait on each job's event stream (/v1/jobs/ID/events), then download the image (JPEG).
 GPU mode: a Qwen3-4B-shaped text encoder (random token ids stand in for the tokenizer), the klein-4B transformer
-and the FLUX.2 VAE, all random; 4 steps at 512² and 1024²; the transformer in bf16 and in fp8 (rowwise, eager:
-a server sees several batch sizes, and compiling each would not fit the time budget). For each: the server as
-built (jobs of one shape batched, up to --max-batch) and the naive server (the same server, batch 1, one request
-at a time), then diffusers' Flux2KleinPipeline called in a loop on the same weights. The server runs in this
-process (models built once); the clients run in a subprocess so their work does not share this GIL.
+and the FLUX.2 VAE, all random; 4 steps at 512² and 1024²; the transformer in bf16, then in fp8 (rowwise; eager
+unless --compile: a server sees every batch size up to --max-batch). For each precision:
+  - `pipeline.generate` warm at batch 1 and at --max-batch: the library's time per image (GPU work plus the
+    PIL conversion, no HTTP, store or image encode), the reference for the server overhead;
+  - the server as built (continuous batching up to --max-batch, text encoding and decode/encode/store on
+    threads beside the denoise loop) at concurrency 1 / 8 / 32;
+  - the naive server (batch 1, everything inline: one request at a time) at concurrency 1 / 8 / 32;
+and diffusers' Flux2KleinPipeline called in a loop on the same bf16 weights; last, one row with the invisible
+watermark on (the `fluxion serve` default; off elsewhere, as it is CPU work outside the issue's overhead list).
+Each server row records whether continuous batching was used (jobs admitted into a running batch, from the
+worker's /metrics), the mean rows per forward, and `server_overhead_pct`: server time per image over the
+library's at the batch the server could form (c=1: p50 latency vs one generate call; c>1: inverse throughput
+vs generate at batch min(c, max batch)). The server runs in this process (models built once); the clients run
+in a subprocess so their work does not share this GIL. Rows stop starting after --budget-s seconds.
 Writes OUT/bench_serve.json (OUT: --out, default bench_out/).
 """
 
@@ -32,6 +41,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SRC = str(HERE.parent / "src")
+
+
+def child_env() -> dict:
+    """Our src first, then whatever PYTHONPATH carried (a site folder with fastapi, uvicorn, httpx, ...)."""
+    rest = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": SRC + (os.pathsep + rest if rest else "")}
 
 
 # ---- the client (also run as a subprocess: --client) ----------------------------------------------------------
@@ -102,9 +117,7 @@ def run_clients(url: str, model: str, n: int, concurrency: int, size: int, steps
 
 def clients_subprocess(url, model, n, concurrency, size, steps, poll_s) -> dict:
     cmd = [sys.executable, __file__, "--client", url, model, str(n), str(concurrency), str(size), str(steps)]
-    out = subprocess.run(
-        [*cmd, str(poll_s)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC}
-    )
+    out = subprocess.run([*cmd, str(poll_s)], capture_output=True, text=True, env=child_env())
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -142,7 +155,10 @@ def tiny(args, report: Report) -> None:
     import httpx
 
     size, steps = 64, 2
-    for label, batch in (("fluxion-tiny, batched", 16), ("fluxion-tiny, naive (batch 1)", 1)):
+    for label, batch, extra in (
+        ("fluxion-tiny, server (continuous batching, max batch 16)", 16, []),
+        ("fluxion-tiny, naive (batch 1, one request at a time)", 1, ["--no-overlap"]),
+    ):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -156,9 +172,10 @@ def tiny(args, report: Report) -> None:
             f"sqlite:///{d}/jobs.db",
             "--port",
             str(port),
+            *extra,
         ]
         cmd += ["--auth", "off", "--max-batch", str(batch), "--key-limit", "100000", "--log-level", "warning"]
-        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": SRC}, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, env=child_env(), stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
             while True:
@@ -173,8 +190,10 @@ def tiny(args, report: Report) -> None:
             run_clients(url, "fluxion-tiny", 4, 4, size, steps, 0)  # warm-up
             for c in (1, 8, 32):
                 n = max(args.n_min, 2 * c) if not args.quick else c
+                before = engine_stats(url)
                 row = run_clients(url, "fluxion-tiny", n, c, size, steps, 0)
-                report.add({"label": label, "size": size, "steps": steps, **row})
+                row.update(stats_delta(before, engine_stats(url)))
+                report.add({"label": label, "size": size, "steps": steps, "max_batch": batch, **row})
         finally:
             proc.terminate()
             proc.wait()
@@ -233,14 +252,17 @@ def build_models(smoke: bool, device: str):
 
 
 class InProcessServer:
-    def __init__(self, models, max_batch: int, port: int):
+    """The product in one process (API + worker, SQLite), on models built once; `naive`: batch 1 and no overlap
+    (each request encoded, denoised, decoded, encoded and stored in turn: one request at a time)."""
+
+    def __init__(self, models, max_batch: int, port: int, overlap: bool = True, watermark: bool = False):
         import uvicorn
 
         from fluxion.serve.app import create_app
         from fluxion.serve.config import ServeConfig
 
         self.dir = tempfile.mkdtemp(prefix="bench-serve-")
-        cfg = ServeConfig(
+        self.cfg = ServeConfig(
             models=(("flux-2-klein-4b", None),),
             preset="flux2-klein-4b",
             db=f"sqlite:///{self.dir}/jobs.db",
@@ -249,8 +271,10 @@ class InProcessServer:
             key_limit=100_000,
             max_batch=max_batch,
             poll_s=0.005,
+            overlap=overlap,
+            watermark=watermark,
         )
-        app = create_app(cfg, models={"flux-2-klein-4b": models})
+        app = create_app(self.cfg, models={"flux-2-klein-4b": models})
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -270,6 +294,103 @@ class InProcessServer:
         self.thread.join(30)
 
 
+def engine_stats(url: str) -> dict:
+    """The worker's counters from /metrics: jobs admitted into a running batch (continuous batching), forwards
+    and rows denoised, seconds in denoising steps."""
+    import httpx
+
+    vals = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            vals[name] = float(value)
+    return {
+        "admitted": vals.get("fluxion_admitted_total", 0.0),
+        "forwards": vals.get("fluxion_step_rows_count", 0.0),
+        "rows": vals.get("fluxion_step_rows_sum", 0.0),
+        "step_s": vals.get("fluxion_step_seconds_sum", 0.0),
+    }
+
+
+def stats_delta(before: dict, after: dict) -> dict:
+    d = {k: after[k] - before[k] for k in before}
+    return {
+        "admitted_mid_flight": int(d["admitted"]),
+        "continuous_batching_used": d["admitted"] > 0,  # some job joined a batch already denoising
+        "batching_used": d["rows"] > d["forwards"],  # some forward denoised more than one job
+        "mean_rows_per_forward": round(d["rows"] / d["forwards"], 3) if d["forwards"] else None,
+        "denoise_s": round(d["step_s"], 3),
+    }
+
+
+def overhead(row: dict, refs: dict, precision: str, size: int, max_batch: int):
+    """Server time per image over the library's (`pipeline.generate`, warm, no HTTP / store / image encode) at
+    the batch the server could form, in %: at concurrency 1 the p50 latency against one generate call;
+    above, the inverse throughput against generate at batch min(concurrency, max_batch)."""
+    c = row["concurrency"]
+    b = min(c, max_batch)
+    ref_b = max((k[2] for k in refs if k[:2] == (precision, size) and k[2] <= b), default=None)
+    if ref_b is None or not row["ok"]:
+        return None, None
+    ref = refs[(precision, size, ref_b)]
+    mine = row["p50_s"] if c == 1 else 60.0 / row["images_per_min"]
+    return round(100.0 * (mine / ref - 1.0), 2), f"pipeline.generate batch {ref_b}"
+
+
+def library_rows(models, sizes, steps, batches, precision, report, refs, deadline, smoke) -> None:
+    """Warm `pipeline.generate` (prompts in, PIL images out) at batch B: the GPU time per image the server is
+    measured against."""
+    import torch
+
+    from fluxion.request import Request
+    from fluxion.sampling.pipeline import generate
+
+    for size in sizes:
+        for B in batches:
+            if time.time() > deadline:
+                print(f"budget spent: skipping {precision} library {size}² batch {B}")
+                continue
+            req = Request(
+                prompt=[f"library prompt {i}" for i in range(B)],
+                seeds=tuple(range(B)),
+                width=size,
+                height=size,
+                steps=steps,
+            )
+            generate(models, req)  # warm (cuDNN / cuBLAS picks for this shape)
+            times = []
+            for _ in range(1 if smoke else (4 if B == 1 else 2)):
+                if models.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                generate(models, req)
+                if models.device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            per_image = statistics.median(times) / B
+            refs[(precision, size, B)] = per_image
+            report.add(
+                {
+                    "label": f"klein-4B {size}² {precision} pipeline.generate batch {B}",
+                    "kind": "library",
+                    "size": size,
+                    "steps": steps,
+                    "precision": precision,
+                    "batch": B,
+                    "n": B * len(times),
+                    "concurrency": 1,
+                    "ok": B * len(times),
+                    "errors": [],
+                    "wall_s": sum(times),
+                    "images_per_min": 60.0 / per_image,
+                    "s_per_image": per_image,
+                    "p50_s": statistics.median(times),
+                    "p95_s": max(times),
+                    "p99_s": max(times),
+                }
+            )
+
+
 def gpu(args, report: Report) -> None:
     import socket
 
@@ -286,51 +407,82 @@ def gpu(args, report: Report) -> None:
     compiled = (
         dict(compile=True, compile_dynamic=None) if args.compile else {}
     )  # one graph for all batch sizes
+    refs: dict = {}  # (precision, size, batch) -> library seconds per image
+    mb = args.max_batch
+    report.data["meta"].update(
+        {
+            "engine": "continuous batching (admission at step boundaries)"
+            + (
+                ""
+                if args.no_overlap
+                else " + overlap threads (prefetch encode, finisher decode/encode/store)"
+            ),
+            "max_batch": mb,
+            "compile": bool(args.compile),
+            "watermark": "off except the rows labelled '+ watermark'",
+            "live_previews": True,
+        }
+    )
 
     def port():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    def server_rows(precision: str) -> None:
-        for label, batch, levels in (
-            ("server", args.max_batch, (1, 8) if args.smoke else (1, 8, 32)),
-            ("naive server (batch 1)", 1, (1, 8)),
-        ):
+    def server_rows(precision: str, variants, sizes=sizes) -> None:
+        for label, batch, overlap, watermark, levels in variants:
             if time.time() > deadline:
                 print(f"budget spent: skipping {precision} {label}")
                 continue
-            srv = InProcessServer(models, batch, port())
+            srv = InProcessServer(models, batch, port(), overlap=overlap, watermark=watermark)
             try:
                 for size in sizes:
-                    warm = min(
-                        batch, 8
-                    )  # every batch size up to this compiles / autotunes here, not in a row
+                    warm = min(batch, 8)  # the batch sizes this server forms, before the timed rows
                     run_clients(srv.url, "flux-2-klein-4b", warm, warm, size, steps, 0)
                     for c in levels:
                         if time.time() > deadline:
                             print(f"budget spent: skipping {precision} {label} {size}² c={c}")
                             continue
-                        n = max(4, c if c == 1 else (2 * c if size <= 512 else max(c, 16)))
+                        if args.smoke:
+                            n = max(2, c)
+                        elif (
+                            batch == 1
+                        ):  # one at a time: its rate does not depend on c; one request per client
+                            n = {1: 6, 8: 16}.get(c, c)
+                        else:
+                            n = {1: 6, 8: 32 if size <= 512 else 24}.get(c, 3 * c if size <= 512 else 2 * c)
+                        before = engine_stats(srv.url)
                         row = clients_subprocess(srv.url, "flux-2-klein-4b", n, c, size, steps, 0)
-                        label_row = f"klein-4B {size}² {precision} {label}"
-                        report.add(
+                        row.update(stats_delta(before, engine_stats(srv.url)))
+                        row.update(
                             {
-                                "label": label_row,
+                                "label": f"klein-4B {size}² {precision} {label}",
+                                "kind": "naive" if batch == 1 and not overlap else "server",
                                 "size": size,
                                 "steps": steps,
                                 "precision": precision,
                                 "max_batch": batch,
-                                **row,
+                                "overlap": overlap,
+                                "watermark": watermark,
                             }
                         )
+                        pct, against = overhead(row, refs, precision, size, batch)
+                        row["server_overhead_pct"], row["overhead_vs"] = pct, against
+                        report.add(row)
             finally:
                 srv.stop()
 
-    # In order of importance (rows stop at the budget): bf16 server and naive server, diffusers on the same
-    # bf16 weights, then the fp8 transformer (converted in place) through both servers.
+    levels = (1, 8) if args.smoke else (1, 8, 32)
+    main = [
+        (f"server (continuous batching, max batch {mb})", mb, not args.no_overlap, False, levels),
+        ("naive server (batch 1, one request at a time)", 1, False, False, levels),
+    ]
+    # In order of importance (rows stop at the budget): bf16 library reference, server and naive server;
+    # diffusers on the same bf16 weights; then the fp8 transformer (converted in place) through the same; last
+    # the cost of the invisible watermark (on by default in `fluxion serve`).
     apply(models.transformer, AccelOptions(attention=fast, **compiled))
-    server_rows("bf16")
+    library_rows(models, sizes, steps, (1, mb), "bf16", report, refs, deadline, args.smoke)
+    server_rows("bf16", main)
     diffusers_loop(args, models, hf, sizes, steps, report, deadline)
     if args.smoke:
         apply(models.transformer, AccelOptions(attention=fast))  # no fp8 kernels on the CPU: the path only
@@ -338,7 +490,10 @@ def gpu(args, report: Report) -> None:
         if args.compile:
             torch._dynamo.reset()
         apply(models.transformer, AccelOptions(attention=fast, fp8=True, **compiled))
-    server_rows("fp8")
+    library_rows(models, sizes, steps, (1, mb), "fp8", report, refs, deadline, args.smoke)
+    server_rows("fp8", main)
+    wm = [(f"server (max batch {mb}) + watermark", mb, not args.no_overlap, True, (8,))]
+    server_rows("fp8", wm, sizes=sizes[-1:])
 
 
 def diffusers_loop(args, models, hf, sizes, steps, report, deadline) -> None:
@@ -448,7 +603,12 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--n-min", type=int, default=16, help="CPU: requests per concurrency level (at least)")
-    ap.add_argument("--budget-s", type=float, default=380, help="GPU: start no new row after this (s)")
+    ap.add_argument("--budget-s", type=float, default=330, help="GPU: start no new row after this (s)")
+    ap.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="GPU: the batching server without its prefetch / finisher threads (as `fluxion serve --no-overlap`)",
+    )
     ap.add_argument(
         "--compile", action="store_true", help="GPU: regional compile, dynamic batch (slow start)"
     )

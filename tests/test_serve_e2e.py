@@ -39,6 +39,7 @@ def server(tmp_path_factory):
         "--no-watermark",  # these tests compare served pixels with the library's exactly (tests/test_studio.py marks)
     ]
     p = Proc([*args, "--max-batch", "16", "--lease", "5"], d / "server.log", port)
+    p.db = f"sqlite:///{d}/jobs.db"
     try:
         p.wait_ready()
         yield p
@@ -184,14 +185,18 @@ def test_webhook_signed_retried_and_idempotent_by_id(server):
     try:
         sub = _submit(server, {**FAST, "prompt": "hook", "webhook_url": rx.url, "webhook_secret": "s3cret"})
         assert sub["status"] == "Pending" and sub["webhook_url"] == rx.url
-        deadline = time.time() + 120
-        while not rx.deliveries and time.time() < deadline:
+        t0 = time.time()
+        while not rx.deliveries and time.time() < t0 + 120:
             time.sleep(0.2)
+        # the retry follows the 1 s back-off after the failure (not the 40 s hold of a claimed delivery)
+        assert rx.deliveries and rx.deliveries[0][2] - t0 < 20
         [(payload, signed_ok, _)] = rx.deliveries
         assert signed_ok and payload["id"] == sub["id"] and payload["status"] == "Ready"
         assert _get(payload["result"]["sample"]).status_code == 200
         time.sleep(2)
         assert len(rx.deliveries) == 1  # delivered once after one failure, not again
+        job = st.Store(server.db).get(sub["id"])
+        assert (job.webhook_state, job.webhook_attempts) == ("delivered", 2)  # never sent again
     finally:
         rx.close()
 
@@ -265,7 +270,8 @@ def run_load_with_kill(tmp_path, n: int, concurrency: int = 32):
     srv.kill9()
     t.join()
     accepted = result["accepted"]
-    assert len(accepted) >= n // 3
+    # the kill waited for n // 3 jobs in the store; a few of their responses may not have reached the client
+    assert len(accepted) >= n // 4
     srv2 = Proc(args, tmp_path / "server2.log", port)
     try:
         srv2.wait_ready()

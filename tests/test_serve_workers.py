@@ -119,6 +119,35 @@ def test_postgres_claims_are_exclusive_under_concurrency(postgres):
     assert sorted(got) == sorted(ids)
 
 
+def test_postgres_claim_more_admits_into_one_claim_fairly(postgres):
+    """Admission into a running batch on PostgreSQL (FOR UPDATE SKIP LOCKED): same key only, under the same
+    claim, never past an older job of another key, never a job another claimer holds."""
+    store = st.Store(postgres.url)
+    spec = {"api": "bfl", "model": "adm", "params": {"prompt": "p", "seed": 1}}
+    first = store.submit([{**spec, "batch_key": "k"}], key_id=None)
+    token, got = store.claim("w1", ["adm"], 1, lease_s=60)
+    assert [j.id for j in got] == first
+    same = store.submit([{**spec, "batch_key": "k"}] * 3, key_id=None)
+    other = store.submit([{**spec, "batch_key": "o"}], key_id=None)
+    store.submit([{**spec, "batch_key": "k"}], key_id=None)  # behind `other`: not admitted
+    taken, lock = [], threading.Lock()
+
+    def admit():
+        more = store.claim_more(token, "w1", ["adm"], 2, 60)
+        with lock:
+            taken.extend(j.id for j in more)
+
+    threads = [threading.Thread(target=admit) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(taken) == sorted(same)  # each once, all three, none of the later ones
+    assert {j.claim for j in store.get_many(taken).values()} == {token}
+    _, nxt = store.claim("w2", ["adm"], 8, lease_s=60)
+    assert [j.id for j in nxt] == other
+
+
 @pytest.mark.slow
 def test_two_workers_postgres_kill9_one(tmp_path, postgres):
     with sa.create_engine(postgres.url.replace("postgresql://", "postgresql+psycopg://")).connect() as c:

@@ -6,7 +6,7 @@ the end. Both are pure functions of their tensor inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,13 +49,14 @@ StepHook = Callable[[int, float, Tensor], Tensor]  # (step index, t_next, x afte
 
 
 def _velocity(
-    model: Flux2, x, x_ids, t: float, cond: Conditioning, guidance: Guidance, state: dict
+    model: Flux2, x, x_ids, t: float | Tensor, cond: Conditioning, guidance: Guidance, state: dict
 ) -> Tensor:
-    """v for the N_out output tokens of x [B, N_out, 128]."""
+    """v for the N_out output tokens of x [B, N_out, 128]; t one time for all rows, or a [B] tensor of times
+    already in x's dtype (one per row, `euler_step_rows`)."""
     B, n_out = x.shape[:2]
     # The reference feeds t (and the guidance value) in the latents' dtype: with bf16 latents the embedded
     # time is a bf16 number, which we reproduce (spec 10).
-    t_vec = torch.full((B,), t, dtype=x.dtype, device=x.device)
+    t_vec = t if isinstance(t, Tensor) else torch.full((B,), t, dtype=x.dtype, device=x.device)
     g_vec = (
         torch.full((B,), guidance.scale, dtype=x.dtype, device=x.device)
         if guidance.mode == "embedded"
@@ -109,6 +110,37 @@ def denoise_steps(
         if after_step is not None:
             x = after_step(i, t_next, x)
         yield i, x
+
+
+def euler_step_rows(
+    model: Flux2,
+    x: Tensor,
+    x_ids: Tensor,
+    cond: Conditioning,
+    t_cur: Sequence[float],
+    t_next: Sequence[float],
+    guidance: Guidance,
+) -> Tensor:
+    """One Euler step in which row b of x [B, N_out, 128] stands at its own time t_cur[b] and moves to
+    t_next[b] (continuous batching: jobs admitted at different steps share one transformer forward).
+
+    Row b gets the update `denoise_steps` gives it at that step alone: its time goes into the timestep
+    embedding as one entry of a [B] vector (rounded straight from the Python float to x's dtype, as
+    `torch.full` does there), and dt = t_next[b] - t_cur[b] is taken in double and applied in fp32, as the
+    scalar update does. Only the rounding of a batched forward (other batch sizes pick other kernels)
+    separates it from a solo run. No reference KV cache (references are re-encoded every step here).
+    """
+    B = x.shape[0]
+    if len(t_cur) != B or len(t_next) != B:
+        raise ValueError(f"{len(t_cur)} current and {len(t_next)} next times for a batch of {B} rows")
+    if guidance.kv_cache and cond.refs is not None:
+        raise ValueError("per-row steps do not support the reference KV cache; run such jobs alone")
+    # non_blocking: a pageable host -> device copy without the stream synchronisation of a blocking one
+    t_vec = torch.tensor(list(t_cur), dtype=x.dtype).to(x.device, non_blocking=True)
+    dt = [b - a for a, b in zip(t_cur, t_next)]  # in double, as `t_next - t_cur` in denoise_steps
+    dt = torch.tensor(dt, dtype=torch.float32).to(x.device, non_blocking=True).view(B, 1, 1)
+    v = _velocity(model, x, x_ids, t_vec, cond, guidance, {})
+    return (x.float() + dt * v.float()).to(x.dtype)
 
 
 @torch.no_grad()

@@ -107,6 +107,12 @@ def serve_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not store a per-step thumbnail of running jobs (the page then shows progress only)",
     )
+    p.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="encode prompts and decode / encode / store finished images inline, not on threads beside the "
+        "denoise loop",
+    )
     p.add_argument("--c2pa-cert", help="PEM certificate chain: sign a C2PA manifest into every image")
     p.add_argument("--c2pa-key", help="the PEM private key of --c2pa-cert")
     p.add_argument(
@@ -171,6 +177,7 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
         worker_id=a.worker_id,
         watermark=not a.no_watermark,
         live_previews=not a.no_live_previews,
+        overlap=not a.no_overlap,
         c2pa_cert=a.c2pa_cert,
         c2pa_key=a.c2pa_key,
         nsfw=a.nsfw,

@@ -34,7 +34,10 @@ class ServeConfig:
     key_limit: int = 24  # active (queued + running) tasks per key -> 429 beyond (BFL's default)
     queue_cap: int = 10_000  # queued jobs in the whole store -> 503 beyond
     max_mp: float = 4.0  # largest output in megapixels this deployment accepts (GPU memory) -> 422 beyond
-    max_batch: int = 8  # jobs of one shape run together
+    max_batch: int = 8  # jobs of one shape run together (rows of one continuously refilled batch)
+    overlap: bool = (
+        True  # text encoding and decode + encode + store of finished rows on threads (engine.Overlap)
+    )
     lease_s: float = 30.0  # a worker that misses its heartbeats this long has its jobs requeued
     max_attempts: int = 3
     poll_s: float = 0.05  # how often an idle worker looks for work

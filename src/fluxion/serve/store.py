@@ -135,6 +135,7 @@ class Job:
     webhook_url: str | None
     webhook_secret: str | None
     webhook_state: str | None
+    webhook_attempts: int  # deliveries tried so far (webhooks.py picks the back-off from it)
 
     @staticmethod
     def from_row(r) -> Job:
@@ -428,6 +429,61 @@ class Store:
         with self.engine.begin() as c:
             rows = c.execute(sa.select(jobs).where(jobs.c.claim == token).order_by(jobs.c.seq)).all()
         return token, [Job.from_row(r) for r in rows]
+
+    def claim_more(self, token: str, worker: str, models: list[str], n: int, lease_s: float) -> list[Job]:
+        """Admission into a running batch (continuous batching): up to n more queued jobs with the batch key of
+        claim `token`, taken under that same token (one heartbeat renews them all, `finish` accepts them).
+
+        Fairness: only jobs queued before the oldest waiting job of another batch key are taken, so a steady
+        stream of one shape never starves the others (they are claimed once this batch drains)."""
+        if n < 1:
+            return []
+        key = sa.select(jobs.c.batch_key).where(jobs.c.claim == token).limit(1).scalar_subquery()
+        other = (
+            sa.select(sa.func.min(jobs.c.seq))
+            .where(jobs.c.status == QUEUED, jobs.c.model.in_(models), jobs.c.batch_key != key)
+            .scalar_subquery()
+        )
+        wanted = sa.select(jobs.c.id).where(
+            jobs.c.status == QUEUED,
+            jobs.c.model.in_(models),
+            jobs.c.batch_key == key,
+            jobs.c.seq < sa.func.coalesce(other, 2**62),
+        )
+        with self.engine.begin() as c:  # a read first: most step boundaries find nothing to admit
+            if c.execute(wanted.limit(1)).first() is None:
+                return []
+        now = time.time()
+        values = dict(
+            status=RUNNING,
+            claim=token,
+            worker=worker,
+            lease_until=now + lease_s,
+            started_at=now,
+            progress=0.0,
+            attempts=jobs.c.attempts + 1,
+        )
+
+        def tx():
+            with self.engine.begin() as c:
+                q = wanted.order_by(jobs.c.seq).limit(n)
+                if not self.sqlite:
+                    q = q.with_for_update(skip_locked=True)
+                ids = list(c.execute(q).scalars())
+                if ids:  # status re-checked: on SQLite another writer may have claimed one in between
+                    c.execute(
+                        jobs.update().where(jobs.c.id.in_(ids), jobs.c.status == QUEUED).values(**values)
+                    )
+                return ids
+
+        ids = _retry(tx)
+        if not ids:
+            return []
+        with self.engine.begin() as c:
+            rows = c.execute(
+                sa.select(jobs).where(jobs.c.id.in_(ids), jobs.c.claim == token).order_by(jobs.c.seq)
+            ).all()
+        return [Job.from_row(r) for r in rows]
 
     def heartbeat(self, token: str, lease_s: float, progress: dict[str, float] | None = None) -> set[str]:
         """Renew the lease of every job under this claim (and record progress); returns the ids whose cancel

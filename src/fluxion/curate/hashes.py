@@ -9,7 +9,7 @@ included), one bit per coefficient: above their median.
 
 PDQ (Meta's "pdqhash-2017-10-09" description and its reference code): luminance 0.299 R + 0.587 G + 0.114 B; a
 tent filter made of two rounds of 1-D box filters along rows then columns, each window about 1/128 of the side
-(`_box` says which pixels a window holds), clipped at the borders; point-sampled to 64x64 at pixel centres; the DCT rows 1..16 (DC skipped) on both
+(`_box_span` says which pixels a window holds), clipped at the borders; point-sampled to 64x64 at pixel centres; the DCT rows 1..16 (DC skipped) on both
 axes (16x16 coefficients); one bit per coefficient: above the 128th smallest. Quality: the sum of quantised
 neighbour differences of the 64x64 image (0..100); low values mean a flat image whose hash says little.
 
@@ -18,6 +18,8 @@ zero, and rounding makes those bits the same on every CPU and BLAS (all zero) in
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 from PIL import Image
@@ -47,36 +49,30 @@ def phash(image: Image.Image) -> int:
     return int(np.packbits(bits).view(">i8")[0])
 
 
-def _box(x: np.ndarray, window: int, axis: int, at: np.ndarray | None = None) -> np.ndarray:
-    """PDQ's 1-D box filter along `axis` (0 or 1) of a 2-D array: output i averages inputs
-    i - (window - window // 2 - 1) .. i + window // 2, clipped to the array (fewer terms at the borders).
-    `at`: compute only these outputs (the last round feeds only the 64 sampled rows and columns)."""
-    n = x.shape[axis]
-    if window <= 1:
-        return x if at is None else np.take(x, at, axis=axis)
+def _box_span(i: np.ndarray, n: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """PDQ's 1-D box filter: output i averages inputs lo .. hi - 1, i.e. i - (window - window // 2 - 1) ..
+    i + window // 2 clipped to the array (fewer terms at the borders)."""
     left, right = window - (window + 2) // 2, (window + 2) // 2 - 1
-    shape = list(x.shape)
-    shape[axis] = n + 1
-    c = np.zeros(shape, np.float64)  # c[k] = sum of x[:k] along the axis
-    np.cumsum(x, axis=axis, out=c[(slice(None),) * axis + (slice(1, None),)])
-    i = np.arange(n) if at is None else at
-    lo, hi = np.maximum(i - left, 0), np.minimum(i + right, n - 1) + 1
-    count = (hi - lo).astype(np.float64)
-    if at is not None:
-        count = count[:, None] if axis == 0 else count[None, :]
-        return (np.take(c, hi, axis=axis) - np.take(c, lo, axis=axis)) / count
-    # All outputs: the differences of the prefix sums at two offsets, as slices (no gather).
-    take = lambda a, b: c[(slice(None),) * axis + (slice(a, b),)]  # noqa: E731
-    out = np.concatenate(
-        [
-            take(right + 1, right + 1 + left),
-            take(left + right + 1, n + 1),
-            np.repeat(take(n, n + 1), right, axis),
-        ],
-        axis=axis,
-    ) - np.concatenate([np.repeat(take(0, 1), left, axis), take(0, n - left)], axis=axis)
-    out /= count[:, None] if axis == 0 else count[None, :]
-    return out
+    return np.maximum(i - left, 0), np.minimum(i + right, n - 1) + 1
+
+
+@functools.lru_cache(maxsize=256)
+def _tent_sampler(n: int) -> np.ndarray:
+    """[64, n]: two passes of the box filter of window ceil(n / 128) along a side of n pixels, then the 64 samples
+    at pixel centres. Box filters along rows and along columns commute, so PDQ's x, y, x, y passes are this matrix
+    on each side: small = sampler(rows) @ luma @ sampler(cols).T. Row c is the mean, over the inputs k of
+    output c's window, of the rows of the box filter at k (built as difference arrays, never n x n)."""
+    window = (n + 127) // 128  # PDQ's window: a side / 128, rounded up
+    centres = ((np.arange(64) + 0.5) * n / 64).astype(np.int64)
+    lo, hi = _box_span(centres, n, window)
+    out = np.zeros((64, n + 1))
+    for c in range(64):
+        k = np.arange(lo[c], hi[c])
+        klo, khi = _box_span(k, n, window)
+        w = 1.0 / ((hi[c] - lo[c]) * (khi - klo))
+        np.add.at(out[c], klo, w)
+        np.add.at(out[c], khi, -w)
+    return np.cumsum(out, axis=1)[:, :n]
 
 
 def pdq(image: Image.Image | np.ndarray) -> tuple[str, int]:
@@ -90,15 +86,7 @@ def pdq(image: Image.Image | np.ndarray) -> tuple[str, int]:
     if (rows, cols) == (64, 64):
         small = luma
     else:
-        along_rows, along_cols = (
-            (cols + 127) // 128,
-            (rows + 127) // 128,
-        )  # PDQ's window: a side / 128, rounded up
-        ri = ((np.arange(64) + 0.5) * rows / 64).astype(np.int64)  # the 64 x 64 samples: pixel centres
-        ci = ((np.arange(64) + 0.5) * cols / 64).astype(np.int64)
-        # Two x-then-y rounds of box filters (a tent filter); the second only where the samples need it.
-        x = _box(_box(luma, along_rows, axis=1), along_cols, axis=0)
-        small = _box(_box(x, along_rows, axis=1, at=ci), along_cols, axis=0, at=ri)
+        small = _tent_sampler(rows) @ luma @ _tent_sampler(cols).T
     grad = np.abs(np.trunc(np.diff(small, axis=0) * 100 / 255)).sum()
     grad += np.abs(np.trunc(np.diff(small, axis=1) * 100 / 255)).sum()
     quality = min(100, int(grad) // 90)

@@ -311,18 +311,29 @@ class LocalExecutor:
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         workers = min(self.cfg.workers, len(items_by_shard))
-        threads = max(
-            1, (os.cpu_count() or 1) // workers
-        )  # BLAS / torch threads per worker: no oversubscription
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        # BLAS and torch threads per worker, so that N workers don't run N x cores threads. They are read when a
+        # worker first imports numpy / torch, which happens before any initializer runs, so they travel in the
+        # environment the workers are started with (values the user set are kept).
+        saved = {v: os.environ.get(v) for v in _THREAD_VARS}
+        for v in _THREAD_VARS:
+            os.environ.setdefault(v, threads)
         # "spawn": a fresh interpreter per worker (forking a process that holds Arrow's or torch's threads can hang).
         pool = ProcessPoolExecutor(
             workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_init,
-            initargs=(self.stages, self.cfg.batch_size, str(self.work), self.types, self.run_id, threads),
+            initargs=(self.stages, self.cfg.batch_size, str(self.work), self.types, self.run_id),
         )
         try:
-            todo = {pool.submit(_worker_map, shard, items) for shard, items in items_by_shard.items()}
+            try:  # workers start as tasks are submitted
+                todo = {pool.submit(_worker_map, shard, items) for shard, items in items_by_shard.items()}
+            finally:
+                for v, value in saved.items():
+                    if value is None:
+                        del os.environ[v]
+                    else:
+                        os.environ[v] = value
             while todo:
                 done, todo = wait(todo, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -331,6 +342,7 @@ class LocalExecutor:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _WORKER: dict = {}  # in a pool worker: its stages and where to write
 
 
@@ -348,10 +360,8 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker_init(stages, batch_size, work, types, parent, threads) -> None:
+def _worker_init(stages, batch_size, work, types, parent) -> None:
     _die_with_parent(parent)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)  # read by torch / numpy's BLAS when a stage first imports them
     _WORKER.update(
         stages=stages, batch_size=batch_size, work=Path(work), types=types, run=parent, ready=False
     )

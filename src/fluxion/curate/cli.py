@@ -34,7 +34,7 @@ def run_curate(args: CurateArgs) -> int:
             ray_address=os.environ.get("RAY_ADDRESS"),  # the same recipe runs on a cluster when this is set
         )
         run(cfg)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:  # RuntimeError: a worker process died
         print(f"fluxion curate: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0

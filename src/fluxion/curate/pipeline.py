@@ -316,6 +316,7 @@ class LocalExecutor:
     def _pool(self, items_by_shard: dict[int, list[dict]]) -> Iterator[tuple[int, int, int]]:
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        from concurrent.futures.process import BrokenProcessPool
 
         workers = min(self.cfg.workers, len(items_by_shard))
         threads = str(max(1, (os.cpu_count() or 1) // workers))
@@ -344,7 +345,13 @@ class LocalExecutor:
             while todo:
                 done, todo = wait(todo, return_when=FIRST_COMPLETED)
                 for future in done:
-                    yield future.result()  # a worker's exception (bad weights, ...) is raised here
+                    try:
+                        yield future.result()  # a worker's exception (bad weights, ...) is raised here
+                    except BrokenProcessPool:
+                        raise RuntimeError(
+                            "a curate worker process died (killed, or out of memory?); the shards it finished "
+                            "are kept: run again to resume, with fewer workers or a smaller batch_size"
+                        ) from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

@@ -341,6 +341,27 @@ def test_resume_after_sigkill_with_a_worker_pool(tmp_path):
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
 
+@pytest.mark.slow
+def test_a_dead_worker_ends_the_run_with_one_line_and_a_rerun_resumes(tmp_path):
+    """SIGKILL one pool worker (as the OOM killer would): `fluxion curate` exits 2 with one line on stderr, and
+    the re-run completes from the shards already written."""
+    make_planted(tmp_path / "raw", n_base=40, n_dups=12)
+    recipe = write_recipe(tmp_path / "r.toml", tmp_path / "raw", tmp_path / "out", shard_size=4)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    cmd = [sys.executable, "-m", "fluxion.cli", "curate", str(recipe), "--workers", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log_file = tmp_path / "out" / "_work" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log_file.is_file() and log_file.read_text().strip()):
+        time.sleep(0.02)
+    os.kill(json.loads(log_file.read_text().splitlines()[0])["pid"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.count("\n") == 1 and "worker process died" in err, err
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    assert len(manifest) == 74 and len({r["key"] for r in manifest}) == 74
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass

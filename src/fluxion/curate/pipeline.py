@@ -8,12 +8,17 @@ Phases, each resumable (every output is written to a temporary name and renamed;
    scores and decision; image bytes for the rows still kept). Finished shards are never processed again;
 3. dedup: over the hashes of all kept rows (cheap, redone each run, deterministic);
 4. write: `NNNNN.tar` (WebDataset: image, .txt caption, .json scores) for each shard, then its manifest part;
-   finally `manifest.parquet` (every row of every shard, all columns but the image bytes), `exclusions.parquet`
+5. precompute (optional, curate/precompute.py): VAE latents and text embeddings of the kept images, per shard,
+   in `precomputed-<pixels>/` for the trainer;
+6. finish: `manifest.parquet` (every row of every shard, all columns but the image bytes), `exclusions.parquet`
    (the dropped rows and why), `stats.json` and `report.html`.
 
-Executors run the same stages: `local` in this process (tests, small runs), `ray` on Ray Data (streaming
-`map_batches`; stages holding a model run in actor pools, with `num_gpus` when set). Ray starts a local instance
-with `num_cpus` CPUs unless `ray_address` names a cluster (the CLI takes it from RAY_ADDRESS).
+Executors run the same stages: `local` on this machine, in this process (`workers = 1`: tests, small runs) or in
+a pool of `workers` processes (one machine without Ray: each process builds its stages once and writes each shard
+it finishes itself, atomically), and `ray` on Ray Data (streaming `map_batches`; stages holding a model run in
+actor pools, with `num_gpus` when set). Ray starts a local instance with `num_cpus` CPUs unless `ray_address`
+names a cluster (the CLI takes it from RAY_ADDRESS). Whichever executor, a shard's part is written whole or not at
+all, so a run killed at any moment resumes from the shards it finished.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from fluxion.curate.models import (
     Watermark,
     WatermarkConfig,
 )
+from fluxion.curate.precompute import PrecomputeConfig
 from fluxion.curate.stages import (
     BASE_SCHEMA,
     Decode,
@@ -67,6 +73,9 @@ class CurateConfig:
     urls: str = ""
     shard_size: int = 1000
     executor: str = "local"  # "local" | "ray"
+    workers: int = (
+        1  # local executor: 1 = in this process; N > 1 = a pool of N processes, a shard at a time each
+    )
     num_cpus: int = 2  # Ray's local instance (ignored when ray_address is set)
     ray_address: str = (
         ""  # a Ray cluster ("auto", "ray://host:10001"); `fluxion curate` fills it from RAY_ADDRESS
@@ -83,14 +92,17 @@ class CurateConfig:
     text: TextConfig | None = None
     scores: ScoresConfig | None = None
     caption: CaptionConfig | None = None
+    precompute: PrecomputeConfig | None = (
+        None  # after the shards: VAE latents (+ text embeddings) of kept images
+    )
 
     def __post_init__(self):
         if bool(self.input) == bool(self.urls):
             raise ValueError("a recipe names exactly one of `input` (a dataset) or `urls` (a URL list)")
         if self.executor not in ("local", "ray"):
             raise ValueError(f"executor must be 'local' or 'ray', not {self.executor!r}")
-        if self.shard_size < 1 or self.batch_size < 1 or self.num_cpus < 1 or self.actors < 1:
-            raise ValueError("shard_size, batch_size, num_cpus and actors must be positive")
+        if min(self.shard_size, self.batch_size, self.num_cpus, self.actors, self.workers) < 1:
+            raise ValueError("shard_size, batch_size, num_cpus, actors and workers must be positive")
 
 
 def _build(cls, data: dict, where: str):
@@ -126,6 +138,7 @@ SECTIONS = {
     "text": TextConfig,
     "scores": ScoresConfig,
     "caption": CaptionConfig,
+    "precompute": PrecomputeConfig,
 }
 
 
@@ -256,26 +269,126 @@ def to_table(rows: list[dict], types: dict[str, str]):
 
 
 # --- executors ----------------------------------------------------------------------------------------------------
+# Every executor's `run(pending)` yields (shard, kept, total) once that shard's part file is written.
+def map_shard(stages: list[Stage], items: list[dict], batch_size: int) -> list[dict]:
+    """One shard's rows through the stages, batch by batch (stages must be set up)."""
+    rows = []
+    for s in range(0, len(items), batch_size):
+        batch = load_rows(items[s : s + batch_size])
+        for stage in stages:
+            run_stage(stage, batch)
+        for r in batch:  # drop per-process caches before the rows are kept for writing
+            for k in [k for k in r if k.startswith("_")]:
+                del r[k]
+        rows += batch
+    return rows
+
+
+def write_part(
+    work: Path, shard: int, rows: list[dict], types: dict[str, str], run_id: int
+) -> tuple[int, int]:
+    """The shard's part, atomically (a part that exists is complete), then its line in the log."""
+    write_table_atomic(to_table(rows, types), _part(work, shard))
+    kept = sum(not r["dropped_by"] for r in rows)
+    _log(work, {"phase": "map", "shard": shard, "rows": len(rows), "kept": kept, "run": run_id})
+    return kept, len(rows)
+
+
 class LocalExecutor:
-    """The stages in this process, batch by batch: the same protocol as Ray, without Ray."""
+    """The stages on this machine without Ray: in this process (`workers` = 1), or in a pool of `workers`
+    processes, each of which sets its stages up once and then maps whole shards, writing each part itself (no
+    rows travel back). Worker processes die with this one (a SIGKILL of the run leaves no worker writing)."""
 
-    def __init__(self, stages: list[Stage], batch_size: int):
-        self.stages, self.batch_size = stages, batch_size
-        for s in stages:
+    def __init__(self, stages: list[Stage], cfg: CurateConfig, work: Path, types: dict[str, str]):
+        self.stages, self.cfg, self.work, self.types = stages, cfg, work, types
+        self.run_id = os.getpid()
+
+    def run(self, items_by_shard: dict[int, list[dict]]) -> Iterator[tuple[int, int, int]]:
+        if self.cfg.workers == 1 or len(items_by_shard) == 1:
+            for s in self.stages:
+                s.setup()
+            for shard, items in items_by_shard.items():
+                rows = map_shard(self.stages, items, self.cfg.batch_size)
+                yield shard, *write_part(self.work, shard, rows, self.types, self.run_id)
+            return
+        yield from self._pool(items_by_shard)
+
+    def _pool(self, items_by_shard: dict[int, list[dict]]) -> Iterator[tuple[int, int, int]]:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        workers = min(self.cfg.workers, len(items_by_shard))
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        # BLAS and torch threads per worker, so that N workers don't run N x cores threads. They are read when a
+        # worker first imports numpy / torch, which happens before any initializer runs, so they travel in the
+        # environment the workers are started with (values the user set are kept).
+        saved = {v: os.environ.get(v) for v in _THREAD_VARS}
+        for v in _THREAD_VARS:
+            os.environ.setdefault(v, threads)
+        # "spawn": a fresh interpreter per worker (forking a process that holds Arrow's or torch's threads can hang).
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(self.stages, self.cfg.batch_size, str(self.work), self.types, self.run_id),
+        )
+        try:
+            try:  # workers start as tasks are submitted
+                todo = {pool.submit(_worker_map, shard, items) for shard, items in items_by_shard.items()}
+            finally:
+                for v, value in saved.items():
+                    if value is None:
+                        del os.environ[v]
+                    else:
+                        os.environ[v] = value
+            while todo:
+                done, todo = wait(todo, return_when=FIRST_COMPLETED)
+                for future in done:
+                    try:
+                        yield future.result()  # a worker's exception (bad weights, ...) is raised here
+                    except BrokenProcessPool:
+                        raise RuntimeError(
+                            "a curate worker process died (killed, or out of memory?); the shards it finished "
+                            "are kept: run again to resume, with fewer workers or a smaller batch_size"
+                        ) from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_WORKER: dict = {}  # in a pool worker: its stages and where to write
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when the process that started it dies (prctl PR_SET_PDEATHSIG), so a
+    killed run leaves no worker behind to race its re-run. Elsewhere the workers exit when the pool's pipe closes."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _worker_init(stages, batch_size, work, types, parent) -> None:
+    _die_with_parent(parent)
+    _WORKER.update(
+        stages=stages, batch_size=batch_size, work=Path(work), types=types, run=parent, ready=False
+    )
+
+
+def _worker_map(shard: int, items: list[dict]) -> tuple[int, int, int]:
+    w = _WORKER
+    if not w["ready"]:  # set up in the first task, not the initializer, so a failure is raised as itself
+        for s in w["stages"]:
             s.setup()
-
-    def run(self, items_by_shard: dict[int, list[dict]]) -> Iterator[tuple[int, list[dict]]]:
-        for shard, items in items_by_shard.items():
-            rows = []
-            for s in range(0, len(items), self.batch_size):
-                batch = load_rows(items[s : s + self.batch_size])
-                for stage in self.stages:
-                    run_stage(stage, batch)
-                for r in batch:  # drop per-process caches before the rows are kept for writing
-                    for k in [k for k in r if k.startswith("_")]:
-                        del r[k]
-                rows += batch
-            yield shard, rows
+        w["ready"] = True
+    rows = map_shard(w["stages"], items, w["batch_size"])
+    return shard, *write_part(w["work"], shard, rows, w["types"], w["run"])
 
 
 class _RayStage:
@@ -301,15 +414,15 @@ def _ray_load(batch):
 
 
 class RayExecutor:
-    def __init__(self, stages: list[Stage], cfg: CurateConfig):
+    def __init__(self, stages: list[Stage], cfg: CurateConfig, work: Path, types: dict[str, str]):
         import ray
 
-        self.stages, self.cfg = stages, cfg
+        self.stages, self.cfg, self.work, self.types = stages, cfg, work, types
         if not ray.is_initialized():
             kwargs = {"address": cfg.ray_address} if cfg.ray_address else {"num_cpus": cfg.num_cpus}
             ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
 
-    def run(self, items_by_shard: dict[int, list[dict]]) -> Iterator[tuple[int, list[dict]]]:
+    def run(self, items_by_shard: dict[int, list[dict]]) -> Iterator[tuple[int, int, int]]:
         import ray
 
         ctx = ray.data.DataContext.get_current()
@@ -353,7 +466,8 @@ class RayExecutor:
             for row in batch.to_pylist():
                 pending.setdefault(row["shard"], []).append(row)
                 if len(pending[row["shard"]]) == expected[row["shard"]]:
-                    yield row["shard"], pending.pop(row["shard"])
+                    rows = pending.pop(row["shard"])
+                    yield row["shard"], *write_part(self.work, row["shard"], rows, self.types, os.getpid())
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
@@ -377,20 +491,26 @@ def run(cfg: CurateConfig, log=print) -> dict:
     for it in plan.items:
         by_shard.setdefault(it["shard"], []).append(it)
     pending = {s: its for s, its in by_shard.items() if not _part(work, s).is_file()}
-    log(f"{len(plan.items)} items in {plan.num_shards} shards; {len(pending)} to process ({cfg.executor})")
+    where = f"{cfg.executor}, {cfg.workers} workers" if cfg.executor == "local" else cfg.executor
+    log(f"{len(plan.items)} items in {plan.num_shards} shards; {len(pending)} to process ({where})")
     start = time.perf_counter()
     if pending:
         executor = (
-            LocalExecutor(stages, cfg.batch_size) if cfg.executor == "local" else RayExecutor(stages, cfg)
+            LocalExecutor(stages, cfg, work, types)
+            if cfg.executor == "local"
+            else RayExecutor(stages, cfg, work, types)
         )
-        for shard, rows in executor.run(pending):
-            write_table_atomic(to_table(rows, types), _part(work, shard))
-            _log(work, {"phase": "map", "shard": shard, "rows": len(rows)})
-            log(f"shard {shard}: {sum(not r['dropped_by'] for r in rows)}/{len(rows)} kept")
+        for shard, kept, total in executor.run(pending):
+            log(f"shard {shard}: {kept}/{total} kept")
     map_seconds = time.perf_counter() - start
     decisions = run_dedup(cfg, work, plan.num_shards)
     write_outputs(cfg, out, plan.num_shards, decisions, types)
-    stats = finish(cfg, out, plan, map_seconds, len(pending))
+    pre = None
+    if cfg.precompute:
+        from fluxion.curate.precompute import precompute
+
+        pre = precompute(cfg.precompute, out, plan.num_shards, log)
+    stats = finish(cfg, out, plan, map_seconds, len(pending), pre)
     log(f"kept {stats['kept']} of {stats['total']}; {out / 'report.html'}")
     return stats
 
@@ -487,7 +607,14 @@ def _shard_record(row: dict) -> Record:
     return Record(row["key"], row["image"], caption, meta)
 
 
-def finish(cfg: CurateConfig, out: Path, plan: Plan, map_seconds: float, processed_shards: int) -> dict:
+def finish(
+    cfg: CurateConfig,
+    out: Path,
+    plan: Plan,
+    map_seconds: float,
+    processed_shards: int,
+    pre: dict | None = None,
+) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -510,10 +637,16 @@ def finish(cfg: CurateConfig, out: Path, plan: Plan, map_seconds: float, process
         "processed_shards_this_run": processed_shards,
         "map_seconds_this_run": round(map_seconds, 3),
         "executor": cfg.executor,
+        "workers": cfg.workers if cfg.executor == "local" else None,
         "stages": stages,
         "funnel": funnel(manifest, stages),
         "throughput": throughput(manifest, stages),
     }
+    if pre is not None:  # the precompute stage, this run: kept images encoded, seconds, images/s
+        stats["precompute"] = {
+            **pre,
+            "images_per_s": round(pre["images"] / pre["seconds"], 1) if pre["seconds"] else None,
+        }
     _write_text_atomic(out / "stats.json", json.dumps(stats, indent=2))
     write_report(out, manifest, stats, cfg)
     return stats

@@ -259,23 +259,20 @@ class Quality(Stage):
 
 # --- perceptual hashes (the dedup itself is global: curate/dedup.py) ----------------------------------------------
 class Hashes(Stage):
-    """pHash (64 bits, imagehash's DCT hash) and PDQ (256 bits, Meta's, with its quality score 0..100)."""
+    """pHash (64 bits, imagehash's DCT hash) and PDQ (256 bits, Meta's, with its quality score 0..100), both from
+    curate/hashes.py (numpy only)."""
 
     name = "hash"
     schema = {"phash": "int64", "pdq": "string", "pdq_quality": "int64"}
 
     def process(self, rows: list[dict]) -> None:
-        import imagehash
-        import pdqhash
+        from fluxion.curate.hashes import pdq, phash
 
         for row in rows:
             im = rgb(row)
-            bits = imagehash.phash(im).hash.flatten()
-            row["phash"] = int(np.packbits(bits).view(">i8")[0])  # signed int64 holding the 64 bits
+            row["phash"] = phash(im)  # signed int64 holding the 64 bits
             small = im if max(im.size) <= 512 else im.resize((512, 512), Image.BILINEAR)  # PDQ resizes anyway
-            vec, quality = pdqhash.compute(np.asarray(small))
-            row["pdq"] = np.packbits(vec.astype(np.uint8)).tobytes().hex()
-            row["pdq_quality"] = int(quality)
+            row["pdq"], row["pdq_quality"] = pdq(small)
 
 
 # --- text in the image ------------------------------------------------------------------------------------------

@@ -5,12 +5,17 @@ Three layouts are read:
   optionally edits.jsonl ({"refs": [i, ...], "target": j, "caption": ...}) for edit-pair training;
 - an image folder with same-named .txt captions (the kohya / ai-toolkit convention), any sizes: each image is
   resized and centre-cropped to the nearest aspect bucket of about `pixels` pixels;
-- WebDataset-style `.tar` shards of the same (image + .txt or .json caption per key).
+- WebDataset-style `.tar` shards of the same (image + .txt or .json caption per key), e.g. `fluxion curate`'s
+  output; beside them, `precomputed-<pixels>/<shard>.safetensors` (curate's precompute stage) may hold each
+  image's VAE latent at its aspect bucket and its caption's text embedding, which the trainer then uses instead
+  of encoding (when they were made by the same VAE weights and text encoder: see `precomputed_digests`).
 Every sample becomes pixels in [-1, 1] as a float tensor [3, H, W].
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -31,6 +36,49 @@ class Sample:
     refs: list[Tensor] = field(default_factory=list)  # reference images for edit pairs, each [3, h, w]
     key: str = ""  # a stable name of the image (source folder + index), for the latent cache
     ref_keys: list[str] = field(default_factory=list)
+    # Precomputed by `fluxion curate` (TarShards): the VAE latent [128, H/16, W/16] of `image` and the text
+    # embedding [max_length, C] of `caption`, with the digests of the VAE weights and text encoder that made them.
+    latent: Tensor | None = None
+    context: Tensor | None = None
+    made_by: tuple[str, str] = ("", "")  # (VAE weights digest, text encoder digest); "" = not precomputed
+
+
+# --- precomputed latents and text embeddings (written by fluxion.curate.precompute) ---------------------------
+PRECOMPUTED_FORMAT = "fluxion-precomputed-v1"
+
+
+def precomputed_folder(folder: str | Path, pixels: int) -> Path:
+    """Where precomputed tensors for aspect buckets of about `pixels` pixels live beside a folder of shards: one
+    safetensors file per shard (same stem), tensors `latent.<key>` and `text.<key>`, fp32."""
+    return Path(folder) / f"precomputed-{pixels}"
+
+
+@functools.lru_cache(maxsize=8)
+def weights_digest(path: str) -> str:
+    """sha256 (16 hex digits) of a weights file's bytes (a folder: of its files' names and bytes, sorted): names
+    the VAE that made precomputed latents, so the trainer uses them only with the same VAE."""
+    p = Path(path)
+    h = hashlib.sha256()
+    for f in [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(f"{f.relative_to(p) if f != p else ''}\0".encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def text_digest(encoder) -> str:
+    """16 hex digits naming a loaded text encoder (fluxion.text.cache.encoder_identity: config, weights dtype,
+    tokenizer and model files), for precomputed text embeddings."""
+    from fluxion.text.cache import encoder_identity
+
+    return hashlib.sha256(encoder_identity(encoder).encode()).hexdigest()[:16]
+
+
+def nearest_bucket(bucket_list: list[tuple[int, int]], width: int, height: int) -> tuple[int, int]:
+    """The (width, height) bucket closest in log aspect ratio to an image of this size."""
+    aspect = width / height
+    return min(bucket_list, key=lambda wh: abs(np.log(wh[0] / wh[1] / aspect)))
 
 
 def to_tensor(image: np.ndarray | Image.Image) -> Tensor:
@@ -137,10 +185,10 @@ class TarShards:
     `key.json` with a "caption" field). The index (member offsets and image sizes) is read once; images are
     decoded on demand and fitted to their nearest aspect bucket, like ImageFolder."""
 
-    def __init__(self, folder: str | Path, pixels: int = 128 * 128):
+    def __init__(self, folder: str | Path, pixels: int = 128 * 128, shards: list[Path] | None = None):
         import tarfile
 
-        self.shards = sorted(Path(folder).glob("*.tar"))
+        self.shards = sorted(Path(folder).glob("*.tar")) if shards is None else [Path(p) for p in shards]
         if not self.shards:
             raise ValueError(f"{folder} holds no .tar shards")
         self.buckets = buckets(pixels)
@@ -162,10 +210,22 @@ class TarShards:
                             "caption", ""
                         )
                     with Image.open(tar.extractfile(member)) as im:  # reads the header only
-                        aspect = im.width / im.height
+                        size = nearest_bucket(self.buckets, im.width, im.height)
                     self.items.append((k, name, caption))
                     self.captions.append(caption)
-                    self.sizes.append(min(self.buckets, key=lambda wh: abs(np.log(wh[0] / wh[1] / aspect))))
+                    self.sizes.append(size)
+        # Precomputed latents / text embeddings for these buckets, per shard, with who made them.
+        self.precomputed: dict[int, tuple[Path, tuple[str, str]]] = {}
+        pre = precomputed_folder(folder, pixels)
+        for k, shard in enumerate(self.shards):
+            path = pre / (shard.stem + ".safetensors")
+            if path.is_file():
+                from safetensors import safe_open
+
+                with safe_open(str(path), "pt") as f:
+                    meta = f.metadata() or {}
+                if meta.get("format") == PRECOMPUTED_FORMAT:
+                    self.precomputed[k] = (path, (meta.get("vae", ""), meta.get("text", "")))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -179,7 +239,19 @@ class TarShards:
             data = tar.extractfile(name).read()
         with Image.open(io.BytesIO(data)) as im:
             image = fit_to_bucket(im.convert("RGB"), self.sizes[index])
-        return Sample(to_tensor(image), caption, key=f"{self.shards[k]}:{name}:{self.sizes[index]}")
+        sample = Sample(to_tensor(image), caption, key=f"{self.shards[k]}:{name}:{self.sizes[index]}")
+        if k in self.precomputed:
+            from safetensors import safe_open
+
+            path, sample.made_by = self.precomputed[k]
+            stem = name.rsplit(".", 1)[0]
+            with safe_open(str(path), "pt") as f:
+                names = set(f.keys())
+                if f"latent.{stem}" in names:
+                    sample.latent = f.get_tensor(f"latent.{stem}")
+                if f"text.{stem}" in names:
+                    sample.context = f.get_tensor(f"text.{stem}")
+        return sample
 
 
 class BatchSampler:

@@ -19,7 +19,7 @@ from torch import Tensor
 from fluxion.model.transformer import Flux2
 from fluxion.sampling.ids import image_ids, pack, reference_ids, text_ids
 from fluxion.train.config import TrainConfig
-from fluxion.train.data import BatchSampler, Sample, open_sources
+from fluxion.train.data import BatchSampler, Sample, open_sources, text_digest, weights_digest
 from fluxion.train.flow_matching import flow_loss, interpolate, sample_times
 from fluxion.weights.models import Models
 
@@ -67,6 +67,38 @@ def encode_context(models: Models, prompts: list[str]) -> Tensor:
     if models.prompt_cache is not None:
         return models.prompt_cache.get_or_encode(models.text, prompts, dtype=torch.float32).to(models.device)
     return models.text.encode(prompts, dtype=torch.float32)
+
+
+def precomputed_latents(samples: list[Sample], vae_path: str) -> Tensor | None:
+    """[B, 128, h, w] when every sample carries a latent precomputed (fluxion curate) by the VAE weights at
+    `vae_path`; None otherwise (the batch is then encoded)."""
+    if not samples or any(s.latent is None for s in samples):
+        return None
+    digest = weights_digest(str(vae_path))
+    if any(s.made_by[0] != digest for s in samples):
+        return None
+    return torch.stack([s.latent for s in samples])
+
+
+@torch.no_grad()
+def context_with_precomputed(models: Models, samples: list[Sample], prompts: list[str]) -> Tensor:
+    """`encode_context(models, prompts)`, taking each prompt that is its sample's caption from the sample's
+    precomputed text embedding when this text encoder made it; the others (dropped captions) are encoded."""
+    if models.text is None or all(s.context is None for s in samples):
+        return encode_context(models, prompts)
+    digest = text_digest(models.text)
+    use = [
+        s.context is not None and s.made_by[1] == digest and p == s.caption and p != ""
+        for s, p in zip(samples, prompts)
+    ]
+    if not any(use):
+        return encode_context(models, prompts)
+    rest = [p for p, u in zip(prompts, use) if not u]
+    live = iter(encode_context(models, rest)) if rest else iter(())
+    # Every prompt is padded to the encoder's max_length, so precomputed and live rows stack.
+    return torch.stack(
+        [s.context.to(models.device, torch.float32) if u else next(live) for s, u in zip(samples, use)]
+    )
 
 
 def forward_velocity(model: Flux2, x: Tensor, x_ids: Tensor, t: Tensor, ctx: Tensor, batch: dict) -> Tensor:
@@ -135,11 +167,17 @@ class FlowMatching:
 
     def batch(self, models: Models, samples: list[Sample], gen: torch.Generator) -> dict:
         device = models.device
-        x0, h, w = encode_latents(models, [s.image for s in samples], [s.key for s in samples], self.cache)
+        z = precomputed_latents(samples, self.cfg.vae)
+        if z is not None:  # `fluxion curate` encoded these images with this VAE already
+            x0, h, w = pack(z.to(device)), z.shape[2], z.shape[3]
+        else:
+            x0, h, w = encode_latents(
+                models, [s.image for s in samples], [s.key for s in samples], self.cache
+            )
         B = x0.shape[0]
         drop = torch.rand(B, generator=gen, device=device) < self.cfg.caption_dropout
         prompts = ["" if d else s.caption for s, d in zip(samples, drop.tolist())]
-        ctx = encode_context(models, prompts)
+        ctx = context_with_precomputed(models, samples, prompts)
         batch = {
             "x0": x0,
             "x_ids": image_ids(h, w, batch=B, device=device),

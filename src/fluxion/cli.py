@@ -65,7 +65,6 @@ def opt(*flags: str, **kwargs) -> Option:
 
 def field_help(cls) -> dict[str, str]:
     """{field: the comment after it} read from the class source (the one place a field is documented)."""
-    import inspect
     import io
     import tokenize
 
@@ -75,7 +74,7 @@ def field_help(cls) -> dict[str, str]:
         if not dataclasses.is_dataclass(klass):
             continue
         try:
-            source = inspect.getsource(klass)
+            source = _class_source(klass)
         except (OSError, TypeError):
             continue
         current = None  # the field whose statement is being read (a formatter may wrap it over lines)
@@ -87,6 +86,20 @@ def field_help(cls) -> dict[str, str]:
             elif tok.type == tokenize.NEWLINE:
                 current = None
     return docs
+
+
+def _class_source(klass) -> str:
+    """The source of a module-level class. inspect.getsource parses its whole module into an AST to find a class
+    (~50 ms per module, for every command's parser); a top-level `class Name` line found by text is enough."""
+    import inspect
+    import linecache
+    import re
+
+    lines = linecache.getlines(inspect.getsourcefile(klass) or "")
+    starts = [i for i, line in enumerate(lines) if re.match(rf"class {klass.__name__}\b", line)]
+    if len(starts) != 1:
+        return inspect.getsource(klass)
+    return "".join(inspect.getblock(lines[starts[0] :]))
 
 
 def options_from(
@@ -1166,7 +1179,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         return _main(argv)
     try:
-        return _main(sys.argv[1:])
+        return _main(sys.argv[1:], process=True)
     finally:
         # The process ends next. Python's shutdown runs full garbage collections over every object left, and
         # torch alone leaves ~10^6 (0.4-0.9 s of a cold `fluxion generate` on 2 cores); frozen objects are
@@ -1175,11 +1188,19 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], process: bool = False) -> int:
     if argv[:1] in (["serve"], ["keys"]):  # fluxion/serve/cli.py
         return __import__("fluxion.serve.cli").serve.cli.dispatch(argv)
     started = cpu_use()  # what other processes use of the CPU is measured from here (configure_threads)
+    if process:
+        # Building the parser imports torch: ~10^6 objects that live as long as the process. Collecting while
+        # they are created walks them again and again (~0.15 s on 2 cores), and every later full collection
+        # would walk them once more; they are frozen instead (this process's own command line only).
+        gc.disable()
     args = build_parser(argv[0] if argv[:1] and argv[0] in COMMANDS else None).parse_args(argv)
+    if process:
+        gc.freeze()
+        gc.enable()
     args.cpu_since = started
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):

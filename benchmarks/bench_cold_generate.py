@@ -1,6 +1,6 @@
 """The README's first command, cold, phase by phase (issue 14's CPU goal: a whole cold generate <= 2 s on 2 cores).
 
-    python benchmarks/bench_cold_generate.py [--runs 5] [--out DIR] [--src OTHER_CHECKOUT/src] [-- CLI ARGS]
+    python benchmarks/bench_cold_generate.py [--runs 5] [--out DIR] [--src SRC] [--compare SRC] [-- CLI ARGS]
 
 Each run starts two fresh processes, interleaved so both see the same machine load:
 
@@ -14,9 +14,11 @@ Each run starts two fresh processes, interleaved so both see the same machine lo
   wrapped function covers (output path checks, request building, printing).
 
 Wrapped functions that a checkout lacks are skipped, so `--src` can time an older commit's tree the same way
-(e.g. `git worktree add /tmp/old <commit>`, then `--src /tmp/old/src`). The machine is shared: the figures to
-compare are the minimum over runs (least disturbed); medians are reported too. Writes
-`bench_cold_generate.json` under --out (default bench_out/).
+(e.g. `git worktree add /tmp/old <commit>`, then `--src /tmp/old/src`); `--compare SRC` times a second tree in
+alternation with the first (run i of both back to back), the fair comparison on a machine whose load changes.
+The figures to compare are the minimum over runs (least disturbed); medians are reported too. The CLI picks its
+CPU threads from the load (cli.configure_threads): set OMP_NUM_THREADS (or pass `-- --threads N`) to compare at
+equal threads. Writes `bench_cold_generate.json` under --out (default bench_out/).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import argparse
 import importlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -66,13 +67,14 @@ IMPORTS = [
 
 
 def child(out: Path, cli_args: list[str]) -> None:
-    t_enter = time.time()
-    phases: dict[str, float] = {}
-    stack: list[list[float]] = []  # [start, time spent in nested phases]
+    t_enter, cpu_enter = time.time(), time.process_time()
+    wall: dict[str, float] = {}  # phase -> exclusive wall seconds
+    cpu: dict[str, float] = {}  # phase -> exclusive CPU seconds of this process (all threads)
+    stack: list[list[float]] = []  # [wall start, cpu start, wall in nested phases, cpu in nested phases]
     info: dict = {}
 
-    def add(name: str, seconds: float) -> None:
-        phases[name] = phases.get(name, 0.0) + seconds
+    def add(name: str, w: float, c: float) -> None:
+        wall[name], cpu[name] = wall.get(name, 0.0) + w, cpu.get(name, 0.0) + c
 
     def timed(fn, name):
         def wrapper(*args, **kwargs):
@@ -80,26 +82,27 @@ def child(out: Path, cli_args: list[str]) -> None:
                 import torch
 
                 info["torch_threads"] = torch.get_num_threads()
-            stack.append([time.perf_counter(), 0.0])
+            stack.append([time.perf_counter(), time.process_time(), 0.0, 0.0])
             try:
                 return fn(*args, **kwargs)
             finally:
-                start, inner = stack.pop()
-                spent = time.perf_counter() - start
-                add(name, spent - inner)
+                w0, c0, w_in, c_in = stack.pop()
+                w, c = time.perf_counter() - w0, time.process_time() - c0
+                add(name, w - w_in, c - c_in)
                 if stack:
-                    stack[-1][1] += spent
+                    stack[-1][2] += w
+                    stack[-1][3] += c
 
         wrapper.__wrapped__ = fn
         return wrapper
 
-    t0 = time.perf_counter()
+    w0, c0 = time.perf_counter(), time.process_time()
     for name in IMPORTS:
         try:
             importlib.import_module(name)
         except ImportError:
             pass
-    add("import", time.perf_counter() - t0)
+    add("import", time.perf_counter() - w0, time.process_time() - c0)
     for mod_name, attr, phase in WRAPPED:
         try:
             mod = importlib.import_module(mod_name)
@@ -112,52 +115,61 @@ def child(out: Path, cli_args: list[str]) -> None:
     import fluxion.cli
 
     sys.argv = ["fluxion", *cli_args]  # main() without argv: as the console script runs it
-    t0 = time.perf_counter()
+    w0, c0 = time.perf_counter(), time.process_time()
     rc = fluxion.cli.main()
-    main_s = time.perf_counter() - t0
-    t_end = time.time()
-    covered = sum(v for k, v in phases.items() if k != "import")
-    phases["other"] = main_s - covered
-    out.write_text(json.dumps(dict(rc=rc, t_enter=t_enter, t_end=t_end, phases=phases, **info)))
-
-
-def run_once(cmd: list[str], env: dict) -> tuple[float, float, subprocess.CompletedProcess]:
-    t_launch = time.time()
-    done = subprocess.run(
-        cmd, env={**env, "FLUXION_BENCH_T0": repr(t_launch)}, capture_output=True, text=True
+    main_w, main_c = time.perf_counter() - w0, time.process_time() - c0
+    t_end, cpu_end = time.time(), time.process_time()
+    add(
+        "other",
+        main_w - sum(v for k, v in wall.items() if k != "import"),
+        main_c - sum(v for k, v in cpu.items() if k != "import"),
     )
+    report = dict(rc=rc, t_enter=t_enter, t_end=t_end, cpu_enter=cpu_enter, cpu_end=cpu_end, **info)
+    out.write_text(json.dumps(dict(report, wall=wall, cpu=cpu)))
+
+
+def run_once(cmd: list[str], env: dict) -> tuple[float, float, float]:
+    """(launch time, exit time, CPU seconds the process used) of one run of `cmd`."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t_launch = time.time()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     t_gone = time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
-    return t_launch, t_gone, done
+    return t_launch, t_gone, (after.ru_utime + after.ru_stime) - (used.ru_utime + used.ru_stime)
 
 
 def summary(values: list[float]) -> dict:
     return {"min": round(min(values), 3), "median": round(statistics.median(values), 3)}
 
 
-def time_tree(src: str | None, runs: int, prompt: str, cli_args: list[str], tmp: Path, tag: str) -> dict:
+def time_tree(src: str | None, prompt: str, cli_args: list[str], tmp: Path, tag: str) -> dict:
     """One cold command and one phased run per call of `step`, for the checkout whose src/ is `src`."""
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(src).resolve()), env.get("PYTHONPATH", "")])
-    state = {"src": src or "importable fluxion", "command": [], "phases": []}
+    state = {"src": src or "importable fluxion", "command": [], "command_cpu": [], "wall": [], "cpu": []}
 
     def step(i: int) -> None:
         out = tmp / f"{tag}-{i}.png"
         gen = ["generate", prompt, "-o", str(out), "--seed", str(i), *cli_args]
-        t_launch, t_gone, _ = run_once([sys.executable, "-m", "fluxion.cli", *gen], env)
+        t_launch, t_gone, used = run_once([sys.executable, "-m", "fluxion.cli", *gen], env)
         state["command"].append(t_gone - t_launch)
-        report = tmp / f"{tag}-phases-{i}.json"
-        t_launch, t_gone, _ = run_once([sys.executable, __file__, "--child", str(report), "--", *gen], env)
-        r = json.loads(report.read_text())
-        phases = {"interpreter": r["t_enter"] - t_launch, **r["phases"], "exit": t_gone - r["t_end"]}
-        phases["total"] = t_gone - t_launch
-        phases["torch_threads"] = r.get("torch_threads")
-        state["phases"].append(phases)
+        state["command_cpu"].append(used)
+        path = tmp / f"{tag}-phases-{i}.json"
+        t_launch, t_gone, used = run_once([sys.executable, __file__, "--child", str(path), "--", *gen], env)
+        r = json.loads(path.read_text())
+        wall = {"interpreter": r["t_enter"] - t_launch, **r["wall"], "exit": t_gone - r["t_end"]}
+        wall["total"] = t_gone - t_launch
+        # CPU before the first line and after main() returned: the process's total minus what it measured.
+        cpu = {"interpreter": r["cpu_enter"], **r["cpu"], "exit": used - r["cpu_end"], "total": used}
+        state["wall"].append(wall)
+        state["cpu"].append(cpu)
+        state.setdefault("threads", []).append(r.get("torch_threads"))
         print(
-            f"{tag} run {i}: command {state['command'][-1]:.2f} s; phased {phases['total']:.2f} s "
-            f"({phases['torch_threads']} threads, load average {os.getloadavg()[0]:.2f})",
+            f"{tag} run {i}: command {state['command'][-1]:.2f} s; phased {wall['total']:.2f} s, "
+            f"{used:.2f} CPU-s ({r.get('torch_threads')} threads, load average {os.getloadavg()[0]:.2f})",
             file=sys.stderr,
         )
 
@@ -166,14 +178,20 @@ def time_tree(src: str | None, runs: int, prompt: str, cli_args: list[str], tmp:
 
 
 def report_of(state: dict) -> dict:
-    runs = state["phases"]
-    names = list(dict.fromkeys(k for p in runs for k in p if k != "torch_threads"))
+    names = list(dict.fromkeys(k for p in state["wall"] for k in p))
     return dict(
         src=state["src"],
         command_s=summary(state["command"]),
-        phases_s={k: summary([p.get(k, 0.0) for p in runs]) for k in names},
-        torch_threads=[p["torch_threads"] for p in runs],
-        raw=dict(command_s=[round(c, 3) for c in state["command"]], phases_s=runs),
+        command_cpu_s=summary(state["command_cpu"]),
+        phases_s={k: summary([p.get(k, 0.0) for p in state["wall"]]) for k in names},
+        phases_cpu_s={k: summary([p.get(k, 0.0) for p in state["cpu"]]) for k in names},
+        torch_threads=state["threads"],
+        raw=dict(
+            command_s=[round(c, 3) for c in state["command"]],
+            command_cpu_s=[round(c, 3) for c in state["command_cpu"]],
+            phases_s=state["wall"],
+            phases_cpu_s=state["cpu"],
+        ),
     )
 
 
@@ -193,11 +211,9 @@ def main() -> None:
         return child(Path(args.child), args.cli_args)
 
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"this": time_tree(args.src, args.runs, args.prompt, args.cli_args, Path(tmp), "this")}
+        trees = {"this": time_tree(args.src, args.prompt, args.cli_args, Path(tmp), "this")}
         if args.compare:
-            trees["compare"] = time_tree(
-                args.compare, args.runs, args.prompt, args.cli_args, Path(tmp), "compare"
-            )
+            trees["compare"] = time_tree(args.compare, args.prompt, args.cli_args, Path(tmp), "compare")
         for i in range(args.runs):
             for state in trees.values():
                 state["step"](i)
@@ -215,14 +231,16 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     names = list(dict.fromkeys(k for r in reports.values() for k in r["phases_s"]))
-    head = "".join(f"{k + ' min':>14s}{k + ' med':>14s}" for k in reports)
-    print(f"{'phase (s)':30s}{head}")
-    rows = [("whole command", {k: r["command_s"] for k, r in reports.items()})]
+    head = "".join(f"{k + ' wall min':>17s}{'med':>7s}{'CPU min':>9s}" for k in reports)
+    print(f"{'phase (s)':28s}{head}")
+    none = {"min": 0.0, "median": 0.0}
+    rows = [("whole command", [(r["command_s"], r["command_cpu_s"]) for r in reports.values()])]
     rows += [
-        (n, {k: r["phases_s"].get(n, {"min": 0.0, "median": 0.0}) for k, r in reports.items()}) for n in names
+        (n, [(r["phases_s"].get(n, none), r["phases_cpu_s"].get(n, none)) for r in reports.values()])
+        for n in names
     ]
     for name, cells in rows:
-        print(f"{name:30s}" + "".join(f"{c['min']:14.3f}{c['median']:14.3f}" for c in cells.values()))
+        print(f"{name:28s}" + "".join(f"{w['min']:17.3f}{w['median']:7.3f}{c['min']:9.3f}" for w, c in cells))
     for k, r in reports.items():
         print(f"{k}: {r['src']}; torch threads {r['torch_threads']}")
     print(f"written to {path}")

@@ -713,6 +713,73 @@ def test_threads_follow_the_free_cores(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_busy_elsewhere_leaves_out_this_process():
+    """Hand computation: 1.8 CPU-seconds busy on our cores over 1 s, 0.9 of them ours -> 0.9 cores elsewhere."""
+    from fluxion.cli import CpuUse, busy_elsewhere
+
+    assert busy_elsewhere(CpuUse(0.0, 10.0, 1.0), CpuUse(1.0, 11.8, 1.9)) == pytest.approx(0.9)
+    assert busy_elsewhere(CpuUse(0.0, 10.0, 1.0), CpuUse(0.1, 10.2, 1.0)) is None  # too short to tell
+
+
+def test_threads_drop_when_other_processes_fill_the_cores(monkeypatch):
+    """Real load: one busy process per core during the measured window -> 1 thread (not the load average,
+    which would take a minute to notice them)."""
+    import time
+
+    import torch
+
+    from fluxion.cli import configure_threads, cpu_use
+
+    start = cpu_use()
+    if start is None:
+        pytest.skip("no /proc/stat here")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # the fallback would say: all free
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.3)  # started (interpreter up, spinning)
+        since = cpu_use()
+        time.sleep(0.6)
+        assert configure_threads(torch.device("cpu"), None, since) == 1 == torch.get_num_threads()
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+        torch.set_num_threads(before)
+
+
+def test_one_commands_parser_has_the_full_parsers_options(capsys):
+    """`main` builds only the invoked command's options; each command's help is the full parser's."""
+    from fluxion.cli import build_parser
+
+    for command in COMMANDS:
+        helps = []
+        for parser in (build_parser(command), build_parser()):
+            with pytest.raises(SystemExit):
+                parser.parse_args([command, "--help"])
+            helps.append(capsys.readouterr().out)
+        assert helps[0] == helps[1], command
+
+
+def test_cold_generate_imports_only_what_it_runs(tmp_path):
+    """The embedded model's `fluxion generate` in a fresh process (as the console script runs it): no compiler
+    stack (torch._dynamo / sympy: ~1.1 s of start-up), no trainer or curation modules; the GC is on again after
+    start-up and the objects of the imports are frozen."""
+    out = tmp_path / "h.png"
+    code = (
+        "import gc, sys; from fluxion.cli import main; "
+        f"sys.argv = ['fluxion', 'generate', 'a red heart', '-o', {str(out)!r}, '--steps', '1', '--seed', '1']; "
+        "rc = main(); "
+        "heavy = [m for m in ('torch._dynamo', 'sympy', 'fluxion.train.train', 'fluxion.curate') if m in sys.modules]; "
+        "print(rc, heavy, gc.isenabled(), gc.get_freeze_count() > 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split("\n")[-2] == "0 [] True True", done.stdout + done.stderr
+    assert out.is_file()
+
+
 def test_edit_of_a_large_photo_fits_the_model_with_a_note(tmp_path, capsys):
     """The embedded fluxion-tiny (made for 128²) editing a 1024x768 photo: the output is scaled to what the
     model handles (not a 0.8 MP generation on a CPU), and the reference is resized, each with a note."""

@@ -25,19 +25,22 @@ line on stderr and exit code 2; Ctrl-C ends with exit code 130 and no half-writt
 keeps its traceback.
 
 CPU threads (CLI only; the library never changes them): with --threads N, N; else with OMP_NUM_THREADS set,
-torch's choice; else torch's default (the physical cores) lowered to the cores not already busy (the 1-minute
-load average subtracted from the cores this process may run on), at least 1. Oversubscribed cores slow a CPU
-generation 4-15x.
+torch's choice; else torch's default (the physical cores) lowered to the cores not already busy, at least 1:
+the CPU time other processes used on the cores this process may run on, measured from /proc/stat over the
+command's own start-up (~1 s of imports), is subtracted (elsewhere: the 1-minute load average, which lags and
+counts one's own finished runs). Oversubscribed cores slow a CPU generation 4-15x.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import math
 import os
 import sys
 import tempfile
+import time
 import typing
 import warnings
 from collections.abc import Callable
@@ -62,7 +65,6 @@ def opt(*flags: str, **kwargs) -> Option:
 
 def field_help(cls) -> dict[str, str]:
     """{field: the comment after it} read from the class source (the one place a field is documented)."""
-    import inspect
     import io
     import tokenize
 
@@ -72,7 +74,7 @@ def field_help(cls) -> dict[str, str]:
         if not dataclasses.is_dataclass(klass):
             continue
         try:
-            source = inspect.getsource(klass)
+            source = _class_source(klass)
         except (OSError, TypeError):
             continue
         current = None  # the field whose statement is being read (a formatter may wrap it over lines)
@@ -84,6 +86,20 @@ def field_help(cls) -> dict[str, str]:
             elif tok.type == tokenize.NEWLINE:
                 current = None
     return docs
+
+
+def _class_source(klass) -> str:
+    """The source of a module-level class. inspect.getsource parses its whole module into an AST to find a class
+    (~50 ms per module, for every command's parser); a top-level `class Name` line found by text is enough."""
+    import inspect
+    import linecache
+    import re
+
+    lines = linecache.getlines(inspect.getsourcefile(klass) or "")
+    starts = [i for i, line in enumerate(lines) if re.match(rf"class {klass.__name__}\b", line)]
+    if len(starts) != 1:
+        return inspect.getsource(klass)
+    return "".join(inspect.getblock(lines[starts[0] :]))
 
 
 def options_from(
@@ -238,8 +254,48 @@ def resolve_device(text: str | None):
     return device
 
 
-def configure_threads(device, requested: int | None) -> int | None:
-    """CPU threads for torch (see the module docstring); returns the number set, or None if left alone."""
+class CpuUse(NamedTuple):
+    """A reading of the CPU time spent so far (`cpu_use`): two readings give what other processes used between."""
+
+    wall: float  # time.monotonic(), s
+    busy: float  # CPU-seconds all processes spent on the cores this process may run on (/proc/stat)
+    own: float  # CPU-seconds of this process (all its threads)
+
+
+def cpu_use() -> CpuUse | None:
+    """Now's `CpuUse`, or None where /proc/stat or CPU affinity is missing (macOS, Windows)."""
+    try:
+        cores = os.sched_getaffinity(0)
+        with open("/proc/stat", encoding="ascii") as f:
+            lines = f.read().splitlines()
+        tick = os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError):
+        return None
+    busy = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name[:3] == "cpu" and name[3:].isdigit() and int(name[3:]) in cores:
+            # user nice system idle iowait irq softirq steal ...: all but idle and iowait is busy (steal too: the
+            # hypervisor gave that time to someone else); guest time is already inside user / nice.
+            v = [int(x) for x in fields[:8]]
+            busy += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+    own = os.times()
+    return CpuUse(time.monotonic(), busy / tick, own.user + own.system)
+
+
+def busy_elsewhere(start: CpuUse, end: CpuUse) -> float | None:
+    """Cores' worth of CPU that other processes used between two readings; None over less than 0.2 s (the
+    counters tick every 10 ms)."""
+    wall = end.wall - start.wall
+    if wall < 0.2:
+        return None
+    return max(0.0, ((end.busy - start.busy) - (end.own - start.own)) / wall)
+
+
+def configure_threads(device, requested: int | None, since: CpuUse | None = None) -> int | None:
+    """CPU threads for torch (see the module docstring); returns the number set, or None if left alone. `since`:
+    a `cpu_use()` reading taken when the command started, so the cores busy with other work are those measured
+    over this command's own start-up (imports); without it, the 1-minute load average."""
     import torch
 
     if requested is not None:
@@ -253,10 +309,15 @@ def configure_threads(device, requested: int | None) -> int | None:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        busy = 0.0
+    now = cpu_use() if since is not None else None
+    busy = busy_elsewhere(since, now) if now is not None else None
+    if busy is None:
+        # The load average lags by a minute and counts this user's own finished runs (a 2-core generate that
+        # ended 20 s ago still reads as a busy core), so it is only the fallback.
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            busy = 0.0
     threads = max(1, min(torch.get_num_threads(), cores, round(cores - busy)))
     torch.set_num_threads(threads)
     return threads
@@ -352,7 +413,7 @@ def preflight(args: argparse.Namespace) -> None:
                     f"(drop {flag}, or pass --model)"
                 )
     args.device = resolve_device(args.device)
-    configure_threads(args.device, getattr(args, "threads", None))
+    configure_threads(args.device, getattr(args, "threads", None), getattr(args, "cpu_since", None))
     args.accel = accel_from_args(args, args.device)
     gen = getattr(args, "generator_device", None)
     if gen is not None:
@@ -784,7 +845,7 @@ def eval_main(args: argparse.Namespace) -> int:
     if cfg.out:
         check_json_output(cfg.out)
     device = resolve_device(cfg.device)
-    configure_threads(device, getattr(args, "threads", None))
+    configure_threads(device, getattr(args, "threads", None), getattr(args, "cpu_since", None))
     models = load_models(cfg.model, preset=cfg.preset, vae=cfg.vae, text=cfg.text, device=device)
     report = evaluate(models, cfg)
     if cfg.out:
@@ -1085,7 +1146,10 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with `only` the options of that one command (the others keep their name and help):
+    building every command's options imports the trainer, curation and evaluation modules (~0.2 s of a cold
+    `fluxion generate` on 2 cores) for flags that this run cannot be given."""
     from fluxion import __version__
 
     parser = argparse.ArgumentParser(prog="fluxion", description="FLUX.2 image generation and editing")
@@ -1093,12 +1157,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
+        p.set_defaults(main=command.main)
+        if only is not None and name != only:
+            continue
         _add(p, command.options())
         if command.subcommands:
             nested = p.add_subparsers(dest=f"{name}_command", required=True, metavar="SUBCOMMAND")
             for sub_name, (sub_help, sub_options) in command.subcommands.items():
                 _add(nested.add_parser(sub_name, help=sub_help, description=sub_help), sub_options())
-        p.set_defaults(main=command.main)
     return parser
 
 
@@ -1109,9 +1175,33 @@ def _add(parser: argparse.ArgumentParser, options: list[Option]) -> None:
 
 # --- entry point --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    if (argv := sys.argv[1:] if argv is None else argv)[:1] in (["serve"], ["keys"]):  # fluxion/serve/cli.py
+    """`fluxion ARGS` (argv None: this process's own command line) -> exit code."""
+    if argv is not None:
+        return _main(argv)
+    try:
+        return _main(sys.argv[1:], process=True)
+    finally:
+        # The process ends next. Python's shutdown runs full garbage collections over every object left, and
+        # torch alone leaves ~10^6 (0.4-0.9 s of a cold `fluxion generate` on 2 cores); frozen objects are
+        # skipped. Outputs are written and closed by now; atexit handlers and weakref finalizers still run
+        # (only cyclic garbage is left to the OS). Not done for in-process callers (argv given: tests).
+        gc.freeze()
+
+
+def _main(argv: list[str], process: bool = False) -> int:
+    if argv[:1] in (["serve"], ["keys"]):  # fluxion/serve/cli.py
         return __import__("fluxion.serve.cli").serve.cli.dispatch(argv)
-    args = build_parser().parse_args(argv)
+    started = cpu_use()  # what other processes use of the CPU is measured from here (configure_threads)
+    if process:
+        # Building the parser imports torch: ~10^6 objects that live as long as the process. Collecting while
+        # they are created walks them again and again (~0.15 s on 2 cores), and every later full collection
+        # would walk them once more; they are frozen instead (this process's own command line only).
+        gc.disable()
+    args = build_parser(argv[0] if argv[:1] and argv[0] in COMMANDS else None).parse_args(argv)
+    if process:
+        gc.freeze()
+        gc.enable()
+    args.cpu_since = started
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         kind = "note" if issubclass(category, Note) else "warning"

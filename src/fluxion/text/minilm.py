@@ -42,16 +42,24 @@ class BertConfig:
         return cls(**{f: raw[f] for f in cls.__dataclass_fields__})
 
 
+def _uninitialized_embedding(num: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding without its random init: the weights always come from the checkpoint (`from_folder`).
+    Not only wasted work: on the meta device nn.init.normal_ runs through torch._refs, whose first call imports
+    torch._dynamo (~1.1 s of a cold `fluxion generate` on 2 CPU cores, plus ~0.3 s more at exit)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.word_embeddings = _uninitialized_embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = _uninitialized_embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = _uninitialized_embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        # Old transformers saved this arange in the checkpoint; `from_folder` checks it and drops it.
+        # Old transformers saved this arange in the checkpoint; `from_folder` checks it and drops it. Made on the
+        # CPU even under a meta device context: arange on meta also runs through torch._refs (imports sympy).
         self.register_buffer(
-            "position_ids", torch.arange(cfg.max_position_embeddings)[None], persistent=False
+            "position_ids", torch.arange(cfg.max_position_embeddings, device="cpu")[None], persistent=False
         )
 
     def forward(self, input_ids: Tensor) -> Tensor:

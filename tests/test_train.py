@@ -75,6 +75,11 @@ def test_encoder_caches_give_the_same_training(parts, tmp_path):
         )
     )
     assert cached["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    on_device = main(
+        config(parts, tmp_path / "dev", steps=6, edit_fraction=0.5, caption_dropout=0.3, cache_latents_on_device=True)
+    )
+    assert on_device["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert not (tmp_path / "dev" / "cache").exists()
     assert (
         len(list((tmp_path / "cached" / "cache" / "latents").iterdir())) == 4
     )  # 4 images, each encoded once

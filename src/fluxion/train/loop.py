@@ -177,7 +177,7 @@ def main(cfg: TrainConfig) -> dict:
 
     model = build_transformer(spec, cfg, device)
     models = load_frozen(spec, cfg, model, device)
-    cache = out / "cache" / "latents" if cfg.cache_latents else None
+    cache = {} if cfg.cache_latents_on_device else out / "cache" / "latents" if cfg.cache_latents else None
     objective = make_objective(cfg, models, cache, device)
     sharded = parallelize(model, cfg, world, precision)
     models.transformer = sharded

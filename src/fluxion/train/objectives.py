@@ -42,10 +42,19 @@ class Objective(Protocol):
 
 
 @torch.no_grad()
-def encode_latents(models: Models, images: list[Tensor], keys: list[str] | None, cache: Path | None):
-    """Packed latent tokens [B, h * w, 128] of pixel images, read from / written to `cache` by key."""
+def encode_latents(models: Models, images: list[Tensor], keys: list[str] | None, cache: Path | dict | None):
+    """Packed latent tokens [B, h * w, 128] of pixel images, read from / written to `cache` by key: a folder
+    (disk), or a dict kept on the device (no encode and no file reads once every image was seen)."""
     if cache is None or not keys or not all(keys):
         z = models.vae.encode(torch.stack(images).to(models.device))  # [B, 128, h, w]
+        return pack(z), z.shape[2], z.shape[3]
+    if isinstance(cache, dict):
+        missing = [i for i, k in enumerate(keys) if k not in cache]
+        if missing:
+            z_new = models.vae.encode(torch.stack([images[i] for i in missing]).to(models.device))
+            for i, z in zip(missing, z_new):
+                cache[keys[i]] = z
+        z = torch.stack([cache[k] for k in keys])
         return pack(z), z.shape[2], z.shape[3]
     from safetensors.torch import load_file, save_file
 

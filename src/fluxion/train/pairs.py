@@ -92,7 +92,9 @@ def make_pairs(models, records: list[dict], out: Path, *, candidates: int, steps
         recs = records[c0 : c0 + chunk]
         req = Request(
             prompt=[r["caption"] for r in recs for _ in range(candidates)],
-            seeds=tuple(seed + i * candidates + j for i in range(c0, c0 + len(recs)) for j in range(candidates)),
+            seeds=tuple(
+                seed + i * candidates + j for i in range(c0, c0 + len(recs)) for j in range(candidates)
+            ),
             steps=steps,
         )
         outs = [np.asarray(r.image.convert("RGB")) for r in generate(models, req)]

@@ -9,7 +9,6 @@ step counts were sized for one H100 in about 20 minutes in all (docs/MODEL_CARD.
 from __future__ import annotations
 
 import math
-
 from dataclasses import replace
 from pathlib import Path
 

@@ -53,3 +53,38 @@ def test_pdq_equals_pdqhash():
     print(f"PDQ vs pdqhash: {sum(d == 0 for d in diffs)}/{len(diffs)} identical, {sum(diffs)} bits differ")
     assert sum(diffs) <= 2 and max(quality) <= 1
     assert pdq(Image.new("RGB", (4, 40))) == ("0" * 64, 0)  # under PDQ's 5-pixel minimum
+
+
+def test_a_phash_match_that_pdq_calls_far_apart_is_not_a_pair():
+    """With require="any", pHash alone (distance <= 10) used to make a pair; at 100k images that gave ~0.7 % false
+    drops whose PDQ distance was 76-120 bits. A PDQ distance above pdq_veto now refuses the pHash match, while a
+    crop (pHash close, PDQ 46-64 apart) and a copy (both close) still pair."""
+    import numpy as np
+
+    from fluxion.curate.dedup import DedupConfig, dedup
+
+    def pdq_with_distance(base: np.ndarray, bits: int, first: int = 0) -> np.ndarray:
+        out = base.copy()
+        for b in range(first, first + bits):  # flip `bits` bits from bit `first` on, across the four words
+            out[b // 64] ^= np.uint64(1) << np.uint64(b % 64)
+        return out
+
+    rng = np.random.default_rng(0)
+    base_p = int(rng.integers(0, 2**62))
+    base_q = rng.integers(0, 2**63, size=4, dtype=np.uint64)
+    # image 0; 1: a copy (pHash 2 bits, PDQ 10); 2: a crop (pHash 6, PDQ 60); 3: unrelated (pHash 8, PDQ 100)
+    phash = np.array([base_p, base_p ^ 0b11, base_p ^ 0b111111, base_p ^ 0b11111111], np.int64)
+    # image 3 flips the last 100 PDQ bits: 100 from 0, 110 from 1, 160 from 2 (pHash 8, 6 and 2 bits)
+    pdq = np.stack(
+        [
+            base_q,
+            pdq_with_distance(base_q, 10),
+            pdq_with_distance(base_q, 60),
+            pdq_with_distance(base_q, 100, 156),
+        ]
+    )
+    pairs = {tuple(p) for p in dedup(DedupConfig(), phash, pdq, np.arange(4)).pairs.tolist()}
+    assert (0, 1) in pairs and (0, 2) in pairs
+    assert not any(3 in p for p in pairs)
+    no_veto = {tuple(p) for p in dedup(DedupConfig(pdq_veto=0), phash, pdq, np.arange(4)).pairs.tolist()}
+    assert (0, 3) in no_veto  # the old rule: pHash alone makes the pair

@@ -7,7 +7,7 @@ beyond. pHash bands are also probed with every one-bit flip (multi-probe), which
 `2 * bands - 1` (7 bits with the default 4 x 16-bit bands). Band width sets the cost: with b-bit bands a random
 pair collides with probability 2^-b per band, so candidates ~ n^2 / 2 * bands * probes / 2^b; at 1e9 images use
 32-bit PDQ bands and treat pHash probes as the budget knob. Each candidate is verified on the full hashes (pHash distance <= phash_threshold and/or PDQ distance <=
-pdq_threshold), verified pairs are joined into clusters (union-find), and each cluster keeps its best copy by the
+pdq_threshold; with "any", a pHash match that PDQ puts above `pdq_veto` is refused), verified pairs are joined into clusters (union-find), and each cluster keeps its best copy by the
 quality rule: most pixels, then sharpest, then least blocky, then the smallest key (deterministic).
 
 Optionally, semantic dedup: k-means on stored embeddings, then pairs above a cosine threshold inside a cluster.
@@ -34,6 +34,10 @@ class DedupConfig:
         31  # of 256 bits (Meta's suggested match threshold); PDQ is not crop-robust (a 4% crop: 46-64)
     )
     pdq_bands: int = 8  # 32-bit bands, exact: every pair at distance <= 7 is a candidate
+    # With require = "any", a pHash match whose PDQ distance is above this is not a pair (0: no veto). 100k
+    # synthetic images (benchmarks/bench_curate.py) had 695 false pHash matches (distance 8-10) at PDQ 76-120
+    # bits, while true copies sat at PDQ <= 20 and 4 % crops at 46-64.
+    pdq_veto: int = 72
     require: str = (
         "any"  # "any": either hash's threshold makes a pair (pHash catches crops); "both": stricter
     )
@@ -157,8 +161,14 @@ def dedup(
     cand = unique_pairs(np.concatenate(found), n)
     ok_p = hamming(p64[cand[:, 0], 0], p64[cand[:, 1], 0]) <= cfg.phash_threshold
     if pdq is not None:
-        ok_q = hamming(pdq[cand[:, 0]], pdq[cand[:, 1]]) <= cfg.pdq_threshold
-        ok = ok_p & ok_q if cfg.require == "both" else ok_p | ok_q
+        d_q = hamming(pdq[cand[:, 0]], pdq[cand[:, 1]])
+        ok_q = d_q <= cfg.pdq_threshold
+        if cfg.require == "both":
+            ok = ok_p & ok_q
+        elif cfg.pdq_veto:
+            ok = ok_q | (ok_p & (d_q <= cfg.pdq_veto))
+        else:
+            ok = ok_p | ok_q
     else:
         ok = ok_p
     pairs = cand[ok]

@@ -70,6 +70,29 @@ def make_shard(job: tuple[Path, int, int, int]) -> int:
     return write_webdataset(path / f"{index:05d}.tar", records)
 
 
+def check_dedup(manifest: Path) -> dict:
+    """Dedup decisions against the planted truth of make_shard: record i % 10 == 9 of a shard is a copy of
+    record i - 1. A planted pair is found when one of the two was dropped as a duplicate of the other; every
+    other dedup drop is counted as false (an unrelated image, or a copy joined to the wrong cluster)."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(manifest, columns=["key", "dropped_by", "duplicate_of"]).to_pylist()
+    present = {r["key"] for r in rows if r["dropped_by"] in (None, "dedup")}  # reached dedup
+
+    def planted_partner(a: str, b: str) -> bool:
+        (sa, ia), (sb, ib) = (k.split("_") for k in (a, b))
+        return sa == sb and abs(int(ia) - int(ib)) == 1 and max(int(ia), int(ib)) % 10 == 9
+
+    drops = [r for r in rows if r["dropped_by"] == "dedup"]
+    found = sum(planted_partner(r["key"], r["duplicate_of"]) for r in drops)
+    planted = 0
+    for key in present:
+        s, i = key.split("_")
+        if int(i) % 10 == 9 and f"{s}_{int(i) - 1:05d}" in present:
+            planted += 1
+    return {"planted": planted, "planted_found": found, "false_drops": len(drops) - found}
+
+
 def make_data(folder: Path, n: int, per_shard: int, workers: int) -> float:
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [
@@ -158,6 +181,11 @@ def main() -> None:
     stats = run(load_recipe(work / "r.toml"), log=lambda *a: None)
     wall = time.perf_counter() - start
     stages = dict(stats["throughput"])
+    dedup_check = check_dedup(work / "out" / "manifest.parquet")
+    print(
+        f"dedup against the planted copies: {dedup_check['planted_found']} of {dedup_check['planted']} found, "
+        f"{dedup_check['false_drops']} other images dropped as near-duplicates"
+    )
     if args.ocr_n and not _has("rapidocr_onnxruntime"):
         print("rapidocr_onnxruntime is not installed: the OCR timing is skipped")
         args.ocr_n = 0
@@ -209,6 +237,7 @@ def main() -> None:
         "end_to_end_images_per_s": round(n / wall, 1),
         "kept": stats["kept"],
         "funnel": stats["funnel"],
+        "dedup_check": dedup_check,
         "stages": stages,
         "cost_per_1e9": cost,
         "prices": {"cpu_hour_usd": args.cpu_hour_usd, "gpu_hour_usd": args.gpu_hour_usd},

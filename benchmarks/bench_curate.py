@@ -77,7 +77,7 @@ def check_dedup(manifest: Path) -> dict:
     import pyarrow.parquet as pq
 
     rows = pq.read_table(manifest, columns=["key", "dropped_by", "duplicate_of"]).to_pylist()
-    present = {r["key"] for r in rows if r["dropped_by"] in (None, "dedup")}  # reached dedup
+    present = {r["key"] for r in rows if not r["dropped_by"] or r["dropped_by"] == "dedup"}  # reached dedup
 
     def planted_partner(a: str, b: str) -> bool:
         (sa, ia), (sb, ib) = (k.split("_") for k in (a, b))

@@ -193,7 +193,7 @@ def test_lora_state_dict_round_trip_and_files(tmp_path):
         assert diff <= TOL
     assert load_lora(other, path).name == "kohya0"  # a file stem already in use gets a number
     with pytest.raises(ValueError, match="unknown LoRA format"):
-        save_lora(m, tmp_path / "x.safetensors", format="comfy")
+        save_lora(m, tmp_path / "x.safetensors", format="gguf")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -342,8 +342,8 @@ def test_write_lora_formats_round_trip(tmp_path):
         other = model(seed=19)
         load_lora(other, path)
         assert (forward(other) - want).abs().max() <= TOL
-    with pytest.raises(ValueError, match="unknown LoRA file format"):
-        write_lora(m, tmp_path / "x.safetensors", format="kohya")
+    with pytest.raises(ValueError, match="unknown LoRA format"):
+        write_lora(m, tmp_path / "x.safetensors", format="gguf")
 
 
 def test_comfy_file_through_diffusers_converter(tmp_path):
@@ -500,4 +500,4 @@ def test_trainer_export_writes_the_layout_others_load(tmp_path):
         load_lora(other, path)
         assert (forward(other) - want).abs().max() <= TOL
     with pytest.raises(ValueError, match="lora_format"):
-        dataclasses.replace(cfg, lora_format="kohya")
+        dataclasses.replace(cfg, lora_format="gguf")

@@ -383,48 +383,45 @@ def _check_shapes(where: str, adapters: dict[str, Adapter], linears: dict[str, n
         )
 
 
-def save_lora(
-    model: nn.Module,
-    path: str | Path,
-    format: Literal["bfl", "diffusers", "kohya", "fluxion"] = "bfl",
-    name: str = "default",
-    metadata: dict[str, str] | None = None,
-) -> None:
-    """Write one adapter as safetensors in the key layout of `format` (see weights/lora_mapping.py):
-    "bfl" ai-toolkit / ComfyUI, "diffusers" PEFT, "kohya" sd-scripts / musubi, "fluxion" lossless ours."""
-    if format not in EXPORTERS:
-        raise ValueError(f"unknown LoRA format {format!r}; choose from {sorted(EXPORTERS)}")
-    tensors = EXPORTERS[format](_canonical(model, name))
-    save_safetensors(
-        tensors, path, metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
-    )
-
-
-LORA_FILE_FORMATS = ("comfy", "diffusers")
+# The one LoRA writer. "comfy" and "bfl" are one layout (`diffusion_model.<BFL name>.lora_A/B.weight`, alpha folded
+# in): the trainer's default, read natively by ComfyUI, ai-toolkit and diffusers' BFL converter.
+LORA_FILE_FORMATS = ("comfy", "bfl", "diffusers", "kohya", "fluxion")
 
 
 def write_lora(
     adapters: dict[str, Adapter] | nn.Module,
     path: str | Path,
-    format: Literal["comfy", "diffusers"] = "comfy",
+    format: Literal["comfy", "bfl", "diffusers", "kohya", "fluxion"] = "comfy",
     metadata: dict[str, str] | None = None,
     name: str = "default",
 ) -> Path:
-    """Write a LoRA file that the other tools load exactly (the trainer's export).
+    """Write a LoRA file that the other tools load exactly (the trainer's export and `save_lora`).
 
-    "comfy" (default): `diffusion_model.<BFL name>.lora_A/lora_B.weight`, alpha folded into lora_A and no
+    "comfy" / "bfl" (default): `diffusion_model.<BFL name>.lora_A/lora_B.weight`, alpha folded into lora_A and no
     `.alpha` key: ComfyUI reads it natively, diffusers' `Flux2Pipeline.load_lora_weights` through its BFL
     converter (which refuses `.alpha` keys), ai-toolkit and fluxion as is. "diffusers": `transformer.<diffusers
-    name>` (PEFT layout, fused qkv split exactly into to_q/to_k/to_v), for `load_lora_adapter` / PEFT.
+    name>` (PEFT layout, fused qkv split exactly into to_q/to_k/to_v), for `load_lora_adapter` / PEFT. "kohya":
+    sd-scripts / musubi names. "fluxion": our lossless layout (see weights/lora_mapping.py).
     `adapters` is {BFL Linear FQN: LowRank | FullDiff} or a model with adapter `name` injected.
     Written to a temporary file and renamed, so a crash never leaves half a file."""
     if format not in LORA_FILE_FORMATS:
-        raise ValueError(f"unknown LoRA file format {format!r}; choose from {list(LORA_FILE_FORMATS)}")
+        raise ValueError(f"unknown LoRA format {format!r}; choose from {list(LORA_FILE_FORMATS)}")
     canonical = _canonical(adapters, name) if isinstance(adapters, nn.Module) else adapters
-    tensors = EXPORTERS["bfl" if format == "comfy" else "diffusers"](canonical)
+    tensors = EXPORTERS["bfl" if format == "comfy" else format](canonical)
     meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
     save_safetensors(tensors, path, metadata=meta)
     return Path(path)
+
+
+def save_lora(
+    model: nn.Module,
+    path: str | Path,
+    format: Literal["comfy", "bfl", "diffusers", "kohya", "fluxion"] = "bfl",
+    name: str = "default",
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """`write_lora` for a model with adapter `name` injected (the older argument order, kept for callers)."""
+    return write_lora(model, path, format=format, metadata=metadata, name=name)
 
 
 # ---------------------------------------------------------------------------------------------------------

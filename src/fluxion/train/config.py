@@ -53,7 +53,7 @@ class TrainConfig:
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = ("*img_attn.qkv", "*img_attn.proj", "*linear1", "*linear2")
     lora_format: str = (
-        "comfy"  # layout of the exported lora.safetensors: "comfy" or "diffusers" (lora.write_lora)
+        "comfy"  # layout of the exported lora.safetensors: one of lora.LORA_FILE_FORMATS (lora.write_lora)
     )
     max_steps_this_run: int = 0  # stop after this many steps (to test resume); 0 = run to `steps`
     # Wall-clock budget for this run in seconds (0: none). The step time is measured over steps 50-100 (after
@@ -82,8 +82,12 @@ class TrainConfig:
 
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}")
-        if self.lora_format not in ("comfy", "diffusers"):
-            raise ValueError(f"lora_format must be 'comfy' or 'diffusers', got {self.lora_format!r}")
+        from fluxion.lora import LORA_FILE_FORMATS
+
+        if self.lora_format not in LORA_FILE_FORMATS:
+            raise ValueError(
+                f"lora_format must be one of {', '.join(LORA_FILE_FORMATS)}, got {self.lora_format!r}"
+            )
         if self.objective not in ("flow", "dpo", "distill"):
             raise ValueError(f"objective {self.objective!r}: choose flow, dpo or distill")
         if self.objective == "distill":

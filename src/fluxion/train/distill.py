@@ -26,9 +26,10 @@ from fluxion.model.transformer import Flux2
 from fluxion.sampling.ids import image_ids, text_ids
 from fluxion.sampling.schedule import get_schedule
 from fluxion.train.config import TrainConfig
-from fluxion.train.data import BatchSampler, Sample, open_sources
+from fluxion.train.data import Sample
 from fluxion.train.dpo import attach_shipped_char_encoder
 from fluxion.train.objectives import (
+    FlowMatching,
     add_char_codes,
     add_references,
     encode_context,
@@ -70,7 +71,10 @@ def teacher_segment(
     return x
 
 
-class StepDistillation:
+class StepDistillation(FlowMatching):
+    """Its data and batches of samples are flow matching's (the sampler is inherited); `batch` adds the teacher's
+    segment targets and `loss` matches them."""
+
     name = "distill"
 
     def __init__(self, cfg: TrainConfig, models: Models, cache: Path | None, device: torch.device):
@@ -84,15 +88,6 @@ class StepDistillation:
         self.scale = cfg.teacher_guidance if cfg.teacher_guidance is not None else spec.default_guidance
         self.substeps = cfg.teacher_steps // cfg.student_steps
         self.precision = precision_policy(cfg.compute_dtype, device)  # the teacher runs as the student does
-
-    def sampler(self, cfg: TrainConfig, rank: int) -> BatchSampler:
-        return BatchSampler(
-            open_sources(cfg.data, cfg.pixels),
-            cfg.batch_size,
-            cfg.edit_fraction,
-            cfg.seed + rank,
-            caption_variety=cfg.caption_variety,
-        )
 
     def batch(self, models: Models, samples: list[Sample], gen: torch.Generator) -> dict:
         device = models.device

@@ -147,6 +147,20 @@ class Job:
         )
 
 
+def _running(token: str, worker: str, lease_s: float) -> dict:
+    """Column values of a job taken by claim `token` (a first claim or an admission into a running batch)."""
+    now = time.time()
+    return dict(
+        status=RUNNING,
+        claim=token,
+        worker=worker,
+        lease_until=now + lease_s,
+        started_at=now,
+        progress=0.0,
+        attempts=jobs.c.attempts + 1,
+    )
+
+
 class StoreBusy(RuntimeError):
     """The database stayed locked through all retries."""
 
@@ -381,16 +395,7 @@ class Store:
             ):
                 return "", []
         token = str(uuid.uuid4())
-        now = time.time()
-        values = dict(
-            status=RUNNING,
-            claim=token,
-            worker=worker,
-            lease_until=now + lease_s,
-            started_at=now,
-            progress=0.0,
-            attempts=jobs.c.attempts + 1,
-        )
+        values = _running(token, worker, lease_s)
         first = (
             sa.select(jobs.c.batch_key)
             .where(jobs.c.status == QUEUED, jobs.c.model.in_(models))
@@ -453,16 +458,7 @@ class Store:
         with self.engine.begin() as c:  # a read first: most step boundaries find nothing to admit
             if c.execute(wanted.limit(1)).first() is None:
                 return []
-        now = time.time()
-        values = dict(
-            status=RUNNING,
-            claim=token,
-            worker=worker,
-            lease_until=now + lease_s,
-            started_at=now,
-            progress=0.0,
-            attempts=jobs.c.attempts + 1,
-        )
+        values = _running(token, worker, lease_s)
 
         def tx():
             with self.engine.begin() as c:

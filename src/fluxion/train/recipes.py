@@ -124,17 +124,25 @@ def load_recipe_file(path: str | Path) -> TrainConfig | list[TrainConfig]:
 # included) so the whole recipe fits two calls of under 9 minutes on one H100.
 
 
+def _tiny_v2(data: list[str], out: str, vae: str, text: str | None, init: str | None, budget_s: float,
+             **stage) -> TrainConfig:  # fmt: skip
+    """What every v2 stage shares: the fluxion-tiny model with its character encoder, compiled blocks, a
+    wall-clock budget; `stage` is the rest."""
+    return TrainConfig(model="fluxion-tiny", data=tuple(data), out=out, vae=vae, text=text, init=init,
+                       char_encoder=True, compile=True, time_budget_s=budget_s, **stage)  # fmt: skip
+
+
 def tiny_v2_pretrain(data: list[str], out: str, vae: str, budget_s: float, init: str | None = None,
                      text: str | None = None, steps: int = 20000) -> TrainConfig:  # fmt: skip
     """Pre-training stage (64² first, then 128² + aspect buckets from the 64² weights): flow matching, letters
     of quoted text through the character encoder, rephrased captions, compiled blocks."""
-    return TrainConfig(
-        model="fluxion-tiny",
-        data=tuple(data),
-        out=out,
-        vae=vae,
-        text=text,
-        init=init,
+    return _tiny_v2(
+        data,
+        out,
+        vae,
+        text,
+        init,
+        budget_s,
         steps=steps,
         batch_size=256,
         lr=6e-4 if init is None else 3e-4,
@@ -145,12 +153,9 @@ def tiny_v2_pretrain(data: list[str], out: str, vae: str, budget_s: float, init:
         caption_dropout=0.1,
         caption_variety=0.7,
         edit_fraction=0.2,
-        char_encoder=True,
         cache_latents=False,
         cache_latents_on_device=True,  # the first H100 run spent 50-74 % of each step encoding (GPU util ~35 %)
         log_every=100,
-        compile=True,
-        time_budget_s=budget_s,
     )
 
 
@@ -172,13 +177,13 @@ def tiny_v2_dpo(pairs: list[str], out: str, vae: str, init: str, budget_s: float
     run is `epochs` passes over the pairs (the first run's 405 steps over 107 pairs, ~240 passes, drove the loss
     to 0.005 and made colour worse); the time budget still caps it."""
     steps = 2000 if not num_pairs else max(10, math.ceil(epochs * num_pairs / 64))
-    return TrainConfig(
-        model="fluxion-tiny",
-        data=tuple(pairs),
-        out=out,
-        vae=vae,
-        text=text,
-        init=init,
+    return _tiny_v2(
+        pairs,
+        out,
+        vae,
+        text,
+        init,
+        budget_s,
         objective="dpo",
         dpo_beta=1000.0,
         steps=steps,
@@ -187,23 +192,20 @@ def tiny_v2_dpo(pairs: list[str], out: str, vae: str, init: str, budget_s: float
         warmup=min(20, steps // 10),
         min_lr_ratio=0.5,
         caption_dropout=0.0,
-        char_encoder=True,
         log_every=10 if num_pairs else 50,
-        compile=True,
-        time_budget_s=budget_s,
     )
 
 
 def tiny_v2_distill(data: list[str], out: str, vae: str, teacher: str, budget_s: float,
                     text: str | None = None) -> TrainConfig:  # fmt: skip
     """4-step student with guidance distilled in, from the 20-step CFG teacher (initialised from it)."""
-    return TrainConfig(
-        model="fluxion-tiny",
-        data=tuple(data),
-        out=out,
-        vae=vae,
-        text=text,
-        init=teacher,
+    return _tiny_v2(
+        data,
+        out,
+        vae,
+        text,
+        teacher,
+        budget_s,
         objective="distill",
         teacher=teacher,
         teacher_model=None,  # the fluxion-tiny preset is the CFG teacher's until the v2 weights ship
@@ -216,8 +218,5 @@ def tiny_v2_distill(data: list[str], out: str, vae: str, teacher: str, budget_s:
         ema=0.99,
         caption_dropout=0.05,
         caption_variety=0.7,
-        char_encoder=True,
         log_every=100,
-        compile=True,
-        time_budget_s=budget_s,
     )

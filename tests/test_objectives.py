@@ -4,6 +4,7 @@ reference, learns the preference, exact resume) and step distillation (the few-s
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("objectives")
+    return make_parts(tmp_path_factory.mktemp("objectives"))
+
+
+def make_parts(root) -> dict:
+    """The shared components plus preference pairs and a perturbed ("trained") init.safetensors under root."""
     parts = build_components(root)
     # Preference pairs over the fixture's four squares: warm colours (red, yellow) win over cool ones.
     pairs = root / "pairs"
@@ -172,9 +177,93 @@ def test_distillation_moves_the_few_step_student_toward_the_cfg_teacher(parts, t
     assert after < 0.7 * before
 
 
+def _distill_setup(parts, **kw):
+    """A distillation objective, its trained model and frozen encoders, on CPU (no training)."""
+    from fluxion.train.distill import StepDistillation
+    from fluxion.train.loop import build_transformer, load_frozen
+
+    cfg = config(parts, "unused", data=(parts["data"],), objective="distill", caption_dropout=0.3, **kw)
+    model = build_transformer(TRAIN_SPEC, cfg, torch.device("cpu"))
+    models = load_frozen(TRAIN_SPEC, cfg, model, torch.device("cpu"))
+    return cfg, model, models, StepDistillation(cfg, models, None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("teacher", [None, "init"])
+def test_lora_distillation_teacher_is_the_base_with_adapters_off(parts, teacher):
+    """A LoRA run without a separate teacher (or with teacher = init) keeps no second copy: its targets are the
+    ones a separately loaded copy of the base gives (full fine-tune path, teacher = the base weights file) for
+    the same random draws, also after the adapters have learned something (nothing of them leaks in)."""
+    from fluxion.lora.lora import LoRALinear
+    from fluxion.train.objectives import forward_velocity
+
+    teacher = parts["init"] if teacher else None
+    _, lora_model, models, lora_obj = _distill_setup(parts, lora_rank=4, teacher=teacher)
+    assert lora_obj.teacher is None  # no second copy of the base in memory
+    sep_cfg, _, sep_models, sep_obj = _distill_setup(parts, teacher=parts["init"])
+    assert sep_obj.teacher is not None
+    samples = sep_obj.sampler(sep_cfg, 0).next_batch()
+    sep_batch = sep_obj.batch(sep_models, samples, torch.Generator().manual_seed(9))
+    gen = torch.Generator().manual_seed(9)
+    lora_batch = lora_obj.batch(models, samples, gen)
+    assert "target" not in lora_batch  # the teacher needs the trained model: it runs in `loss`
+    for key in ("x", "t", "t_to", "ctx", "neg_ctx"):
+        assert torch.equal(lora_batch[key], sep_batch[key]), key  # same draws in the same order
+
+    def expected_loss(model):  # the student's own forward against the separately loaded teacher's targets
+        with torch.no_grad():
+            v = forward_velocity(model, lora_batch["x"], lora_batch["x_ids"], lora_batch["t"], lora_batch["ctx"],
+                                 lora_batch)  # fmt: skip
+        return torch.mean((v.float() - sep_batch["target"]) ** 2)
+
+    loss, _ = lora_obj.loss(lora_model, lora_batch)
+    assert torch.allclose(loss, expected_loss(lora_model), rtol=1e-6, atol=0)
+    # Adapters that have learned something: the student moves, the teacher must not.
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in lora_model.modules():
+            if isinstance(m, LoRALinear):
+                for adapter in m.lora.values():
+                    adapter.up.copy_(0.5 * torch.randn(adapter.up.shape, generator=g))
+    moved = expected_loss(lora_model)
+    assert not torch.allclose(moved, loss, rtol=1e-3)  # the adapters change the student's output
+    loss2, _ = lora_obj.loss(lora_model, lora_batch)
+    assert torch.allclose(loss2, moved, rtol=1e-6, atol=0)
+    assert all(
+        a.scale != 0 for m in lora_model.modules() if isinstance(m, LoRALinear) for a in m.lora.values()
+    )
+
+
+def test_lora_distillation_trains_only_the_adapters(parts, tmp_path):
+    """The real trainer entry with objective distill and lora_rank: the base stays the init weights, the
+    adapters' up matrices leave zero, and lora.safetensors is exported."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    cfg = config(parts, tmp_path / "run", data=(parts["data"],), objective="distill", lora_rank=4,
+                 teacher_steps=4, student_steps=2, steps=3, caption_dropout=0.3)  # fmt: skip
+    result = main(cfg)
+    assert all(math.isfinite(x) and x > 0 for x in result["losses"])
+    assert result["exported"].endswith("lora.safetensors")
+    dcp_to_torch_save(tmp_path / "run" / "checkpoint" / "step-3", tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=False)["model"]
+    init = load_file(parts["init"])
+    base = {k: v for k, v in state.items() if ".lora." not in k}
+    assert set(base) == set(init)
+    for k, v in init.items():
+        assert torch.equal(base[k], v), k  # the base (the teacher) is untouched
+    ups = [v for k, v in state.items() if k.endswith(".lora.default.up")]
+    assert ups and all(v.abs().max() > 0 for v in ups)  # every adapter learned (zero-initialised B)
+
+
 def test_objective_options_are_checked():
-    with pytest.raises(ValueError, match="teacher"):
+    with pytest.raises(ValueError, match="teacher= .*or lora_rank= with init="):
         TrainConfig(model="x", data=("d",), out="o", vae="v", objective="distill")
+    with pytest.raises(ValueError, match="lora_rank= with init="):  # a LoRA of a random model: no teacher
+        TrainConfig(model="x", data=("d",), out="o", vae="v", objective="distill", lora_rank=4)
+    TrainConfig(model="x", data=("d",), out="o", vae="v", objective="distill", lora_rank=4, init="base")
+    with pytest.raises(ValueError, match="its own base"):
+        TrainConfig(model="x", data=("d",), out="o", vae="v", objective="distill", lora_rank=4, init="base",
+                    teacher_model="y")  # fmt: skip
     with pytest.raises(ValueError, match="divide"):
         TrainConfig(
             model="x", data=("d",), out="o", vae="v", objective="distill", teacher="t", student_steps=3
@@ -210,3 +299,59 @@ def test_pairs_from_own_generations_feed_dpo(parts, tmp_path):
     assert not torch.equal(win.image, lose.image)  # candidates of one prompt have their own seeds
     r = pairs.pairs[0]["rewards"]
     assert r[0] >= r[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distillation golden trace: per-step losses of a short full fine-tune distillation with a separately loaded
+# teacher, recorded from the trainer at commit 10b59db (before the LoRA teacher path) by
+# `python tests/test_objectives.py`. The separate-teacher path must reproduce them bit for bit (same random
+# draws in the same order, same arithmetic).
+
+DISTILL_GOLDEN = Path(__file__).parent / "fixtures" / "distill_golden.json"
+RECORDED_THREADS = 2  # CPU reductions split by thread count: the trace is bit-exact only at this count
+
+
+def distill_golden_run(parts: dict, out) -> tuple[list[float], str]:
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    cfg = config(
+        parts,
+        out,
+        data=(parts["data"],),
+        objective="distill",
+        teacher=parts["init"],
+        teacher_steps=4,
+        student_steps=2,
+        steps=4,
+        batch_size=3,
+        caption_dropout=0.3,
+        seed=5,
+    )
+    result = main(cfg)
+    weights = load_file(result["exported"])
+    digest = hashlib.sha256()
+    for k in sorted(weights):
+        digest.update(k.encode() + weights[k].numpy().tobytes())
+    return result["losses"], digest.hexdigest()
+
+
+def test_distillation_with_a_separate_teacher_matches_the_recorded_trace(parts, tmp_path):
+    recorded = json.loads(DISTILL_GOLDEN.read_text())
+    torch.set_num_threads(RECORDED_THREADS)  # conftest restores the previous count afterwards
+    losses, digest = distill_golden_run(parts, tmp_path / "run")
+    assert losses == recorded["losses"]  # exact float equality, not approx
+    assert digest == recorded["weights_sha256"]
+
+
+if __name__ == "__main__":  # regenerate the golden fixture (only when the arithmetic changes on purpose)
+    import tempfile
+
+    torch.set_num_threads(RECORDED_THREADS)
+    PRESETS[TRAIN_SPEC.name] = TRAIN_SPEC
+    with tempfile.TemporaryDirectory() as d:
+        trace, digest = distill_golden_run(make_parts(Path(d)), Path(d) / "run")
+    record = {"commit": "10b59db", "losses": trace, "weights_sha256": digest}
+    DISTILL_GOLDEN.write_text(json.dumps(record, indent=1) + "\n")
+    print(trace)

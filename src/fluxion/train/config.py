@@ -67,7 +67,9 @@ class TrainConfig:
         None  # DPO: frozen reference weights; None = `init` (LoRA: the base, adapters off)
     )
     dpo_beta: float = 1000.0  # DPO: KL strength beta (per-element mean MSE, so errors differences are ~1e-3)
-    teacher: str | None = None  # distill: teacher transformer weights (true-CFG model)
+    teacher: str | None = (
+        None  # distill: teacher weights (true-CFG model); LoRA: None = the base, adapters off
+    )
     teacher_model: str | None = None  # distill: the teacher's preset; None = `model`
     teacher_steps: int = 20  # distill: Euler steps of the teacher over the whole schedule
     teacher_guidance: float | None = None  # distill: CFG scale of the teacher; None = its preset's default
@@ -91,8 +93,20 @@ class TrainConfig:
         if self.objective not in ("flow", "dpo", "distill"):
             raise ValueError(f"objective {self.objective!r}: choose flow, dpo or distill")
         if self.objective == "distill":
-            if not self.teacher:
-                raise ValueError("objective distill needs teacher= (the CFG teacher's transformer weights)")
+            if not self.teacher and not (self.lora_rank and self.init):
+                raise ValueError(
+                    "objective distill needs teacher= (the CFG teacher's transformer weights), or lora_rank= "
+                    "with init= (the teacher is then the base model, adapters off)"
+                )
+            if (
+                self.lora_rank
+                and self.teacher in (None, self.init)
+                and self.teacher_model not in (None, self.model)
+            ):
+                raise ValueError(
+                    f"teacher_model={self.teacher_model!r}: a LoRA run's teacher is its own base ({self.model}); "
+                    "give teacher= weights for another model"
+                )
             if not 1 <= self.student_steps <= self.teacher_steps or self.teacher_steps % self.student_steps:
                 raise ValueError("student_steps must divide teacher_steps (e.g. 4 of 20)")
 

@@ -12,6 +12,11 @@ the student must land on the same point in one step:
 The start point x(s_k) of segment k is the training image noised to s_k (k = 0 is pure noise, what sampling
 starts from); each sample in a batch draws its own segment, so all segments train together. The student is
 usually initialised from the teacher (`init` = `teacher`). One teacher segment costs m CFG passes, not 20.
+
+Teacher: the `teacher=` weights, loaded frozen in fp32; for a LoRA run without a separate teacher (`teacher`
+unset or equal to `init`), the trained model itself with its adapters switched off (the base, no second copy
+in memory - a klein-base-4B teacher is ~16 GB in fp32). That teacher sees the trained model, which `batch` does
+not, so its target is then computed in `loss`, before the student's forward; the random draws are the same.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from fluxion.sampling.ids import image_ids, text_ids
 from fluxion.sampling.schedule import get_schedule
 from fluxion.train.config import TrainConfig
 from fluxion.train.data import Sample
-from fluxion.train.dpo import attach_shipped_char_encoder
+from fluxion.train.dpo import adapters_off, attach_shipped_char_encoder
 from fluxion.train.objectives import (
     FlowMatching,
     add_char_codes,
@@ -82,9 +87,12 @@ class StepDistillation(FlowMatching):
 
         self.cfg, self.cache = cfg, cache
         spec = get_preset(cfg.teacher_model or cfg.model)
-        self.teacher = load_transformer(cfg.teacher, spec.transformer, dtype=torch.float32, device=device)
-        attach_shipped_char_encoder(self.teacher, cfg.teacher, cfg, device)
-        self.teacher.eval().requires_grad_(False)
+        # None: the teacher is the trained model with its LoRA adapters off, run in `loss`.
+        self.teacher: Flux2 | None = None
+        if not (cfg.lora_rank and cfg.teacher in (None, cfg.init)):  # TrainConfig checked the options
+            self.teacher = load_transformer(cfg.teacher, spec.transformer, dtype=torch.float32, device=device)
+            attach_shipped_char_encoder(self.teacher, cfg.teacher, cfg, device)
+            self.teacher.eval().requires_grad_(False)
         self.scale = cfg.teacher_guidance if cfg.teacher_guidance is not None else spec.default_guidance
         self.substeps = cfg.teacher_steps // cfg.student_steps
         self.precision = precision_policy(cfg.compute_dtype, device)  # the teacher runs as the student does
@@ -114,11 +122,22 @@ class StepDistillation(FlowMatching):
         }
         add_references(models, samples, batch, self.cache)
         add_char_codes(self.cfg, prompts, batch, device)
-        with self.precision.autocast():
-            x_next = teacher_segment(self.teacher, x, batch, s_from, s_to, self.substeps, self.scale)
-        batch["target"] = (x_next - x.float()) / (s_to - s_from).view(-1, 1, 1)
+        batch["t_to"] = s_to
+        if self.teacher is not None:
+            batch["target"] = self.target(self.teacher, batch)
         return batch
 
+    def target(self, teacher: Flux2, batch: dict) -> Tensor:
+        """The teacher's segment velocity (x_teacher(s_k+1) - x(s_k)) / (s_k+1 - s_k), [B, n, C] fp32."""
+        x, s_from, s_to = batch["x"], batch["t"], batch["t_to"]
+        with torch.no_grad(), self.precision.autocast():
+            x_next = teacher_segment(teacher, x, batch, s_from, s_to, self.substeps, self.scale)
+        return (x_next - x.float()) / (s_to - s_from).view(-1, 1, 1)
+
     def loss(self, model: Flux2, batch: dict) -> tuple[Tensor, dict[str, float]]:
+        target = batch.get("target")
+        if target is None:  # LoRA: the teacher is the base, i.e. this model with its adapters off
+            with adapters_off(model):
+                target = self.target(model, batch)
         v = forward_velocity(model, batch["x"], batch["x_ids"], batch["t"], batch["ctx"], batch)
-        return torch.mean((v.float() - batch["target"]) ** 2), {}
+        return torch.mean((v.float() - target) ** 2), {}

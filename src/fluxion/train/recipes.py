@@ -66,10 +66,79 @@ def fluxion_tiny_lora(data: list[str], out: str, init: str, vae: str, steps: int
     )
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Diffusion-DPO and step distillation on a klein-base-4B LoRA (docs/MODEL_CARD.md, "Alignment and distillation
+# on a klein-base LoRA"). The frozen reference / teacher is the base itself with the adapters off: one 4B copy in
+# memory. Rank 16 on the attention layers (lora.TARGET_PRESETS["attention"], as benchmarks/bench_lora_train.py
+# measures), bf16 autocast, batch 1 at 1024², a checkpoint every 250 steps for resuming on time-limited leases.
+
+KLEIN_BASE = "flux2-klein-base-4b"  # true CFG: the DPO reference and the distillation teacher
+
+
+def _klein_base_lora(data: list[str], out: str, init: str, vae: str, text: str | None, steps: int, rank: int,
+                     lr: float, **objective) -> TrainConfig:  # fmt: skip
+    from fluxion.lora.lora import TARGET_PRESETS
+
+    return TrainConfig(
+        model=KLEIN_BASE,
+        data=tuple(data),
+        out=out,
+        vae=vae,
+        text=text,
+        init=init,
+        steps=steps,
+        batch_size=1,
+        pixels=1024 * 1024,
+        lr=lr,
+        warmup=50,
+        compute_dtype="bfloat16",
+        lora_rank=rank,
+        lora_alpha=rank,
+        lora_targets=tuple(TARGET_PRESETS["attention"]),
+        log_every=10,
+        save_every=250,
+        **objective,
+    )
+
+
+def klein_base_lora_dpo(pairs: list[str], out: str, init: str, vae: str, text: str | None = None,
+                        steps: int = 1000, rank: int = 16, lr: float = 1e-4,
+                        beta: float = 1000.0) -> TrainConfig:  # fmt: skip
+    """Diffusion-DPO of a klein-base-4B LoRA on preference-pair folders (train/pairs.py writes them); the
+    reference is the base, adapters off. beta as tiny_v2_dpo."""
+    return _klein_base_lora(
+        pairs, out, init, vae, text, steps, rank, lr, objective="dpo", dpo_beta=beta, caption_dropout=0.0
+    )
+
+
+def klein_base_lora_distill(data: list[str], out: str, init: str, vae: str, text: str | None = None,
+                            steps: int = 2000, rank: int = 16, lr: float = 1e-4) -> TrainConfig:  # fmt: skip
+    """A 4-step LoRA student with guidance distilled in, from the base as its 20-step CFG teacher (scale 4,
+    adapters off): sample the base + this LoRA with --steps 4 --guidance 1 (one forward per step)."""
+    return _klein_base_lora(
+        data,
+        out,
+        init,
+        vae,
+        text,
+        steps,
+        rank,
+        lr,
+        objective="distill",
+        teacher=None,
+        teacher_steps=20,
+        student_steps=4,
+        teacher_guidance=4.0,
+        caption_dropout=0.05,
+    )
+
+
 RECIPES = {
     "fluxion-tiny": fluxion_tiny,
     "fluxion-tiny-vae": fluxion_tiny_vae,
     "fluxion-tiny-lora": fluxion_tiny_lora,
+    "klein-base-lora-dpo": klein_base_lora_dpo,
+    "klein-base-lora-distill": klein_base_lora_distill,
 }
 
 

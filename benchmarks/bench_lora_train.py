@@ -13,10 +13,10 @@ same shapes: 4096 image tokens + 512 text tokens per image. No activation checkp
 - dpo: Diffusion-DPO (`train/dpo.py`), batch 1 pair: `DiffusionDPO.loss`, i.e. the policy (adapters on) on
   winner and loser as one forward of batch 2 with grad, the frozen reference (`adapters_off`: the base, no
   second copy) on both as one batch-2 forward under no_grad, `per_sample_error` + `dpo_loss` (beta from the
-  `tiny_v2_dpo` recipe); then backward + step.
-- distill: step distillation (`train/distill.py`), batch 1: the teacher (the base, `adapters_off`) integrates
+  `klein_base_lora_dpo` recipe); then backward + step.
+- distill: step distillation (`train/distill.py`, its LoRA path: no separate teacher), batch 1: inside `StepDistillation.loss` the teacher (the base, `adapters_off`) integrates
   one student segment with `teacher_segment` under no_grad: teacher_steps / student_steps of the
-  `tiny_v2_distill` recipe (20 / 4 = 5) Euler sub-steps, each true CFG at klein-base's default scale 4 (cond
+  `klein_base_lora_distill` recipe (20 / 4 = 5) Euler sub-steps, each true CFG at klein-base's default scale 4 (cond
   and uncond as one batch-2 forward: 10 image forwards in 5 calls); then `StepDistillation.loss` (the
   student, adapters on, one forward with grad) + backward + step.
 
@@ -48,10 +48,11 @@ from fluxion.accel import AccelOptions, apply
 from fluxion.config import PRESETS
 from fluxion.lora.lora import inject_lora
 from fluxion.sampling.schedule import get_schedule
-from fluxion.train.distill import StepDistillation, teacher_segment
-from fluxion.train.dpo import DiffusionDPO, adapters_off
+from fluxion.train.distill import StepDistillation
+from fluxion.train.dpo import DiffusionDPO
 from fluxion.train.flow_matching import flow_loss, interpolate, sample_times
-from fluxion.train.recipes import tiny_v2_distill, tiny_v2_dpo
+from fluxion.train.precision import Precision
+from fluxion.train.recipes import klein_base_lora_distill, klein_base_lora_dpo
 
 OBJECTIVES = ("fm", "dpo", "distill")
 PRESET = "flux2-klein-base-4b"  # the LoRA's base: true CFG, so it is also the distillation teacher
@@ -120,7 +121,7 @@ def main() -> None:
 
     # dpo: one pair, winner and loser share the prompt, the time and the noise (the layout of
     # DiffusionDPO.batch: winners first, then losers, as one batch of 2).
-    dpo = objective(DiffusionDPO, cfg=tiny_v2_dpo(["-"], "-", "-", "-", 0.0), reference=None)
+    dpo = objective(DiffusionDPO, cfg=klein_base_lora_dpo(["-"], "-", "-", "-"), reference=None)
     x_lose = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
     pair_x0, pair_noise, pair_t = torch.cat([x0, x_lose]), torch.cat([noise, noise]), torch.cat([t, t])
     dpo_batch = {
@@ -140,10 +141,14 @@ def main() -> None:
 
     # distill: one image at the start of a student segment (segment k = 1 of the 4-step schedule; every
     # segment costs the same), as StepDistillation.batch builds it.
-    dcfg = tiny_v2_distill(["-"], "-", "-", "-", 0.0)
+    dcfg = klein_base_lora_distill(["-"], "-", "-", "-")
     substeps = dcfg.teacher_steps // dcfg.student_steps
     scale = dcfg.teacher_guidance if dcfg.teacher_guidance is not None else spec.default_guidance
-    distill = objective(StepDistillation, cfg=dcfg)
+    # teacher=None: the trainer's LoRA path, where `loss` runs the teacher segment on the base (adapters off)
+    policy = Precision(torch.bfloat16, device)  # bf16 autocast, as the trainer runs on CUDA (the smoke too)
+    distill = objective(
+        StepDistillation, cfg=dcfg, teacher=None, substeps=substeps, scale=scale, precision=policy
+    )
     schedule = torch.tensor(get_schedule(dcfg.student_steps, n_img), device=device)
     s_from, s_to = schedule[1:2], schedule[2:3]
     neg = torch.randn(ctx.shape, generator=gen, device=device, dtype=ctx.dtype)  # the empty prompt's encoding
@@ -155,16 +160,13 @@ def main() -> None:
         "neg_ctx": neg,
         "ctx_ids": ctx_ids,
         "t": s_from.to(x0.dtype),
+        "t_to": s_to.to(x0.dtype),
         "refs": None,
         "ref_ids": None,
     }
 
     def distill_step():
-        # The teacher's segment runs in fp32 state under autocast, as StepDistillation.batch runs it.
-        with adapters_off(model), torch.autocast(device, dtype=torch.bfloat16):
-            x_next = teacher_segment(model, x_seg, distill_batch, s_from, s_to, substeps, scale)
-        distill_batch["target"] = (x_next - x_seg) / (s_to - s_from).view(-1, 1, 1)
-        loss, _ = distill.loss(model, distill_batch)
+        loss, _ = distill.loss(model, distill_batch)  # no "target" in the batch: the teacher runs in here
         optimizer_step(loss)
 
     teacher_desc = (

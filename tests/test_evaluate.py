@@ -5,11 +5,15 @@ from importlib.util import find_spec
 
 import numpy as np
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fluxion.curate.tinyset.colors import hex_to_rgb
 from fluxion.evaluate import metrics, prompts
 from fluxion.evaluate.scorer import (
     HELDOUT_CATEGORIES,
+    Scorer,
     ScorerConfig,
     default_dir,
     load_scorer,
@@ -154,6 +158,38 @@ def test_train_scorer_writes_a_loadable_scorer(tmp_path):
     assert {h["label"] for h in meta["heldout"]} <= set(labels)
     assert meta["train"]["images"] == 10 and meta["train"]["steps"] == 2 * (10 // 4)
     assert 0 <= meta["ceiling"]["top1"] <= meta["ceiling"]["top5"] <= 1
+
+
+@needs_minilm
+def test_train_scorer_with_text_mlp_and_recolouring_writes_a_loadable_scorer(tmp_path):
+    labels = ["circle", "square", "triangle", "star", "heart", "diamond"]  # no colour words: recoloured
+    data = _fake_tinyset(tmp_path / "data", labels)
+    out = tmp_path / "scorer"
+    cfg = ScorerConfig(
+        data=str(data), out=str(out), epochs=1, batch_size=4, num_heldout=2, text_hidden=16, colour_aug=1.0
+    )
+    meta = train_scorer(cfg, log=lambda *_: None)
+    scorer, loaded = load_scorer(out)
+    assert loaded == meta and meta["text_hidden"] == 16 and scorer.text_mlp is not None
+    with safe_open(str(out / "scorer.safetensors"), "pt") as f:
+        assert "text_mlp.0.weight" in f.keys() and f.get_tensor("text_mlp.0.weight").shape == (16, 384)
+
+
+def test_a_scorer_without_text_mlp_still_loads(tmp_path):
+    """Scorers written before the text MLP (scorer.json without "text_hidden", no text_mlp tensors) load as
+    a linear text tower, strictly."""
+    torch.manual_seed(0)
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in Scorer().state_dict().items()}
+    assert not any(k.startswith("text_mlp") for k in tensors)
+    save_file(tensors, str(tmp_path / "scorer.safetensors"))
+    (tmp_path / "scorer.json").write_text(json.dumps({"note": "v1", "heldout": []}))
+    scorer, meta = load_scorer(tmp_path)
+    assert scorer.text_mlp is None and meta["note"] == "v1"
+    x = torch.randn(2, 384)
+    want = torch.nn.functional.normalize(
+        x @ tensors["text_proj.weight"].float().T + tensors["text_proj.bias"].float(), dim=-1
+    )
+    assert torch.allclose(scorer.embed_texts(x), want, atol=1e-6)
 
 
 def test_ocr_reads_a_rendered_word():

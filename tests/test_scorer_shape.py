@@ -36,3 +36,34 @@ def test_colour_blob_keeps_colour_area_and_place_but_not_shape():
     assert (colour - want).abs().max() < 0.05  # the star's colour
     assert not torch.equal(fg_blob, fg_star)  # a disc, not a star
     assert torch.allclose(blob[0, :, 0, 0], torch.ones(3))  # the background stays
+
+
+def test_recolour_changes_hue_but_keeps_background_brightness_and_unselected_images():
+    from fluxion.evaluate.scorer import _recolour
+
+    x = torch.from_numpy(_star(fg=(170, 100, 60)).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = x.repeat(8, 1, 1, 1)
+    which = torch.tensor([True] * 7 + [False])
+    y = _recolour(x, which, torch.Generator().manual_seed(0))
+    assert torch.equal(y[7], x[7])  # not selected: untouched
+    assert torch.allclose(y[:, :, :3, :3], torch.ones(8, 3, 3, 3))  # the white background stays
+    inside = (slice(None), slice(None), 30, 32)  # a pixel inside the star (fully foreground)
+    # A rotation about the grey axis, a channel permutation and grey all keep the mean of R, G and B
+    # (hand computation: (170 + 100 + 60) / 3 = 110; no channel leaves [0, 255] for this colour).
+    assert torch.allclose(y[inside].mean(1), torch.full((8,), 110 / 127.5 - 1), atol=1e-5)
+    assert (y[inside][:7] - x[inside][:7]).abs().amax(1).gt(0.05).sum() >= 5  # most selected ones changed
+
+
+def test_only_emoji_without_colour_words_are_recoloured_and_shapes_get_no_blob():
+    from fluxion.evaluate.scorer import sample_flags
+
+    records = [
+        {"kind": "emoji", "label": "green apple"},
+        {"kind": "emoji", "label": "Star"},
+        {"kind": "emoji", "label": "black-cat"},
+        {"kind": "typography", "text": "GIFT"},
+        {"kind": "shape", "shapes": [{"shape": "circle"}]},
+    ]
+    recolour, blob = sample_flags(records)
+    assert recolour.tolist() == [False, True, False, False, False]
+    assert blob.tolist() == [True, True, True, True, False]

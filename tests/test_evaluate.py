@@ -16,7 +16,10 @@ from fluxion.evaluate.scorer import (
     Scorer,
     ScorerConfig,
     default_dir,
+    load_references,
     load_scorer,
+    ranks_by_similarity,
+    reference_ranks,
     retrieval_ranks,
     sentence_embeddings,
     topk_rates,
@@ -111,6 +114,81 @@ def test_shipped_scorer_is_small_and_consistent():
     assert meta["ceiling"]["top5"] > 0.2  # far above chance (0.05) on real held-out drawings
 
 
+def test_shipped_references_match_the_scorer_and_retrieve_themselves():
+    folder = default_dir()
+    assert (folder / "references.safetensors").stat().st_size < 100_000
+    _, meta = load_scorer()
+    emb, labels = load_references()
+    assert labels == [h["label"] for h in meta["heldout"]] and emb.shape == (100, 256)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(100), atol=2e-3)  # unit vectors, stored in fp16
+    assert ranks_by_similarity(emb, emb, list(range(100))) == [0] * 100  # each reference is its own nearest
+    ref = meta["references"]
+    assert ref["ceiling"] == topk_rates([h["ref_rank"] for h in meta["heldout"]])
+    assert ref["ceiling"]["top5"] > 0.8 and ref["blob_test"] > 0.9  # as measured when they were made
+
+
+def _drawings() -> np.ndarray:
+    """Six distinct flat drawings, uint8 [6, 128, 128, 3]: discs, squares and a bar in different colours."""
+    yy, xx = np.mgrid[:128, :128]
+    masks = [
+        (yy - 64) ** 2 + (xx - 64) ** 2 < 40**2,
+        (abs(yy - 64) < 30) & (abs(xx - 64) < 30),
+        (abs(yy - 64) < 10) & (abs(xx - 64) < 50),
+        (yy - 40) ** 2 + (xx - 40) ** 2 < 20**2,
+        yy > xx,
+        (abs(yy - 64) + abs(xx - 64)) < 45,
+    ]
+    colours = [(255, 200, 0), (30, 90, 220), (200, 30, 40), (20, 160, 60), (120, 40, 160), (250, 120, 0)]
+    out = np.full((6, 128, 128, 3), 255, dtype=np.uint8)
+    for i, (m, c) in enumerate(zip(masks, colours)):
+        out[i][m] = c
+    return out
+
+
+def test_an_image_identical_to_reference_k_ranks_k_first():
+    scorer, _ = load_scorer()
+    images = _drawings()
+    with torch.no_grad():
+        ref = scorer.embed_images(
+            torch.cat([prepare(im) for im in images])
+        )  # one at a time: batch-independent
+    for k in range(len(images)):
+        assert reference_ranks(scorer, images[k : k + 1], ref, [k]) == [0]
+        assert reference_ranks(scorer, images[k : k + 1], ref, [(k + 1) % 6]) != [0]  # can fail
+
+
+def prepare(image: np.ndarray) -> torch.Tensor:
+    from fluxion.evaluate.scorer import prepare_images
+
+    return prepare_images(image[None])
+
+
+class _FixedImages:
+    """Stands in for the eval's generator (not for the scorer under test): returns one fixed drawing."""
+
+    class models:
+        text = None
+
+    def __call__(self, name, prompt, seed, refs=()):
+        return _drawings()[0]
+
+
+@needs_minilm
+def test_recognition_without_references_reports_a_note(tmp_path):
+    import shutil
+
+    from fluxion.evaluate.run import EvalConfig, eval_recognition
+
+    for name in ("scorer.safetensors", "scorer.json"):  # an operator's scorer folder, made before references
+        shutil.copy(default_dir() / name, tmp_path / name)
+    assert load_references(tmp_path) is None
+    report, _ = eval_recognition(_FixedImages(), EvalConfig(scorer=str(tmp_path), num_recognition=2))
+    assert "ref_top1" not in report and "references.safetensors missing" in report["ref_note"]
+    report, _ = eval_recognition(_FixedImages(), EvalConfig(num_recognition=2))  # the shipped folder
+    assert set(report) >= {"ref_top1", "ref_top5", "ref_mean_rank"} and "ref_note" not in report
+    assert [i["ref_rank"] for i in report["items"]] != [None, None]
+
+
 @needs_minilm
 def test_shipped_scorer_matches_rendered_scenes_to_their_captions():
     scorer, _ = load_scorer()
@@ -158,6 +236,9 @@ def test_train_scorer_writes_a_loadable_scorer(tmp_path):
     assert {h["label"] for h in meta["heldout"]} <= set(labels)
     assert meta["train"]["images"] == 10 and meta["train"]["steps"] == 2 * (10 // 4)
     assert 0 <= meta["ceiling"]["top1"] <= meta["ceiling"]["top5"] <= 1
+    emb, ref_labels = load_references(tmp_path / "scorer")  # written with the scorer
+    assert ref_labels == [h["label"] for h in meta["heldout"]] and emb.shape == (2, 256)
+    assert 0 <= meta["references"]["ceiling"]["top1"] <= 1
 
 
 @needs_minilm
@@ -231,6 +312,8 @@ def test_eval_quick_writes_every_section(tmp_path, capsys):
     assert report["typography"]["n"] == 2 and 0 <= report["typography"]["char_similarity"] <= 1
     assert report["colour"]["metric"] == "CIEDE2000" and report["colour"]["n"] == 2
     assert report["recognition"]["candidates"] == 100 and "not CLIP" in report["recognition"]["scorer"]
+    assert 0 <= report["recognition"]["ref_top1"] <= report["recognition"]["ref_top5"] <= 1
+    assert "ref_top5" in printed and report["recognition"]["ref_mean_rank"] is not None
     assert report["editing"]["n"] == 3 and {i["kind"] for i in report["editing"]["items"]} == {
         "recolor_background",
         "recolor_shape",

@@ -13,7 +13,8 @@ at the model's default size, and everything but OCR is measured at 128x128, the 
   and centred shape, masks from rendering the requested scene); "chance" pairs the measurements with the
   colours of the wrong prompts.
 - recognition: top-1 / top-5 retrieval among 100 emoji family names by the self-trained scorer (not CLIP; see
-  scorer.py); the scorer's rate on real held-out images of the same families is the reference.
+  scorer.py); the scorer's rate on real held-out images of the same families is the reference. ref_top1 /
+  ref_top5: the same images ranked by image similarity to each family's reference drawing (same image tower).
 - editing: recolour edits of rendered shape scenes and of the generated emoji; PSNR against the reference image
   on the part the edit must keep (the VAE round trip of the reference is the ceiling) and CIEDE2000 of the
   edited part to the requested colour, after and before (the reference's own colour there).
@@ -211,8 +212,11 @@ def eval_colour(gen: Generator, cfg: EvalConfig) -> dict:
 
 def eval_recognition(gen: Generator, cfg: EvalConfig) -> tuple[dict, list[np.ndarray]]:
     from fluxion.evaluate.scorer import (
+        REFERENCES_FILE,
         candidate_text,
+        load_references,
         load_scorer,
+        reference_ranks,
         retrieval_ranks,
         sentence_embeddings,
         topk_rates,
@@ -229,7 +233,7 @@ def eval_recognition(gen: Generator, cfg: EvalConfig) -> tuple[dict, list[np.nda
         for i, h in enumerate(chosen)
     ]
     ranks = retrieval_ranks(scorer, np.stack(images), text_emb, list(range(len(chosen)))) if images else []
-    return {
+    report = {
         "scorer": "self-trained on the tinyset, not CLIP (fluxion.evaluate.scorer)",
         "candidates": len(held),
         "n": len(chosen),
@@ -240,7 +244,26 @@ def eval_recognition(gen: Generator, cfg: EvalConfig) -> tuple[dict, list[np.nda
             {"prompt": candidate_text(h["label"]), "rank": r, "reference_rank": h["rank"]}
             for h, r in zip(chosen, ranks)
         ],
-    }, images
+    }
+    # Shape, by image-to-image similarity: each image against the 100 families' reference drawings (the
+    # other vendor's drawing, which the scorer trained on), embedded by the same image tower.
+    refs = load_references(cfg.scorer)
+    labels = [h["label"] for h in held]
+    if refs is None or not set(labels) <= set(refs[1]):
+        why = "missing" if refs is None else "for other families than this scorer's"
+        report["ref_note"] = f"no ref_top1/ref_top5: {REFERENCES_FILE} {why} in the scorer folder"
+        return report, images
+    ref_emb = refs[0][[refs[1].index(label) for label in labels]]  # rows in the order of `held`
+    ref_ranks = reference_ranks(scorer, np.stack(images), ref_emb, list(range(len(chosen)))) if images else []
+    report.update({f"ref_{k}": v for k, v in topk_rates(ref_ranks).items()})
+    report["ref_mean_rank"] = _mean(ref_ranks)
+    # Real held-out drawings of the same families against the references (scorer.json, when recorded).
+    if all("ref_rank" in h for h in chosen):
+        report["ref_reference"] = topk_rates([h["ref_rank"] for h in chosen])
+    report["ref_reference_all"] = meta.get("references", {}).get("ceiling")
+    for item, r in zip(report["items"], ref_ranks):
+        item["ref_rank"] = r
+    return report, images
 
 
 HELDOUT_KEYS = ("ocr_exact_4_5", "bare_hex_delta_e", "name_hex_delta_e", "layout_ok")
@@ -375,7 +398,11 @@ def evaluate(models, cfg: EvalConfig, log=print) -> dict:
     report = {"model": models.spec.name, "config": dataclasses.asdict(cfg), "environment": _environment()}
     log(f"fluxion eval: {models.spec.name}, steps {cfg.steps or models.spec.default_steps}, seed {cfg.seed}")
     report["recognition"], emoji = eval_recognition(gen, cfg)
-    log(_line("recognition", report["recognition"], ("top1", "top5")))
+    log(
+        _line("recognition", report["recognition"], ("top1", "top5", "ref_top1", "ref_top5", "ref_mean_rank"))
+    )
+    if "ref_note" in report["recognition"]:
+        log(f"  {'':12s} {report['recognition']['ref_note']}")
     report["typography"] = eval_typography(gen, cfg)
     log(
         _line("typography", report["typography"], ("exact_match", "char_similarity", "reference_exact_match"))

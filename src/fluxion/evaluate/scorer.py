@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -181,6 +182,131 @@ def retrieval_ranks(scorer: Scorer, images, text_emb: Tensor, targets: list[int]
 
 def topk_rates(ranks: list[int], ks=(1, 5)) -> dict[str, float]:
     return {f"top{k}": float(np.mean([r < k for r in ranks])) if ranks else 0.0 for k in ks}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference drawings: image-to-image retrieval with the same image tower
+
+REFERENCES_FILE = "references.safetensors"  # beside scorer.safetensors; "embeddings" fp16 [F, 256]
+
+
+def reference_vendor(heldout_vendor: str) -> str:
+    """The vendor whose drawing of a held-out family the scorer was trained on (the other one)."""
+    return VENDORS[1 - VENDORS.index(heldout_vendor)]
+
+
+def reference_indices(records: list[dict], held: dict[str, str]) -> dict[str, int]:
+    """{family label: record index of its reference drawing}: among the reference vendor's images of the
+    family without skin tone, the one whose background is nearest white (sum of |255 - channel|), the first
+    in the data on ties. Deterministic given the tinyset; the drawing was in the scorer's training data."""
+    from fluxion.curate.tinyset.colors import hex_to_rgb
+
+    best: dict[str, tuple[int, int]] = {}
+    for i, r in enumerate(records):
+        if r["kind"] != "emoji" or r["label"] not in held or r["skin_tone"] is not None:
+            continue
+        label = r["label"]
+        if r["vendor"] != reference_vendor(held[label]):
+            continue
+        plain = sum(255 - c for c in hex_to_rgb(r["background"])) if r.get("background") else 765
+        if label not in best or plain < best[label][0]:
+            best[label] = (plain, i)
+    missing = [label for label in held if label not in best]
+    if missing:
+        raise ValueError(f"no reference drawing in the data for {len(missing)} families, e.g. {missing[0]!r}")
+    return {label: best[label][1] for label in held}
+
+
+@torch.no_grad()
+def reference_ranks(scorer: Scorer, images, ref_emb: Tensor, targets: list[int]) -> list[int]:
+    """Rank (0 = best) of the right reference drawing among all `ref_emb` rows ([F, 256] image embeddings)
+    for each image, by cosine similarity; `targets[i]` is image i's row."""
+    return ranks_by_similarity(scorer.embed_images(prepare_images(images)), ref_emb, targets)
+
+
+def ranks_by_similarity(emb: Tensor, ref_emb: Tensor, targets: list[int]) -> list[int]:
+    """Rank of row targets[i] of `ref_emb` among all its rows by cosine similarity to emb[i] ([B, D])."""
+    sim = F.normalize(emb.float(), dim=-1) @ F.normalize(ref_emb.float(), dim=-1).T  # [B, F]
+    right = sim[torch.arange(len(targets)), torch.as_tensor(targets)]
+    return (sim > right[:, None]).sum(1).tolist()
+
+
+@torch.no_grad()
+def reference_blob_test(scorer: Scorer, images, ref_emb: Tensor) -> float:
+    """Share of images that are nearer their own reference drawing (ref_emb[i]) than their colour blob is."""
+    x = prepare_images(images)
+    ref = F.normalize(ref_emb.float(), dim=-1)
+    real = (scorer.embed_images(x) * ref).sum(-1)
+    blob = (scorer.embed_images(colour_blob(x)) * ref).sum(-1)
+    return float((real > blob).float().mean())
+
+
+def load_references(folder: str | Path | None = None) -> tuple[Tensor, list[str]] | None:
+    """(fp32 [F, 256] reference embeddings, their family labels) from a scorer folder; None if it has none
+    (scorers trained before the references, or an operator's own folder without them)."""
+    path = (Path(folder) if folder else default_dir()) / REFERENCES_FILE
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        labels = json.loads(f.metadata()["labels"])
+        emb = f.get_tensor("embeddings").float()
+    if emb.shape != (len(labels), EMBED_DIM):
+        raise ValueError(f"{path}: embeddings {tuple(emb.shape)} do not match {len(labels)} labels")
+    return emb, labels
+
+
+def write_references(folder: str | Path, data: str | Path, log=print) -> dict:
+    """Embed each held-out family's reference drawing (reference_indices) from the tinyset `data` with the
+    scorer in `folder`; write `references.safetensors` there and record the validation on the real held-out
+    drawings (retrieval among the references, blob test against the reference) in its scorer.json."""
+    from fluxion.train.data import TinySet
+
+    folder = Path(folder)
+    scorer, meta = load_scorer(folder)
+    tiny = TinySet(data)
+    held = {h["label"]: h["vendor"] for h in meta["heldout"]}
+    labels = list(held)
+    ref_idx = reference_indices(tiny.records, held)
+    # The held-out drawing per family, as train_scorer picks it: the held-out vendor's first base emoji.
+    held_idx: dict[str, int] = {}
+    for i, r in enumerate(tiny.records):
+        if r["kind"] == "emoji" and held.get(r["label"]) == r["vendor"] and r["skin_tone"] is None:
+            held_idx.setdefault(r["label"], i)
+    if len(held_idx) != len(labels):
+        raise ValueError(f"{data}: not every held-out family of the scorer has its held-out drawing")
+    with torch.no_grad():
+        ref = scorer.embed_images(prepare_images(np.asarray(tiny.images[[ref_idx[k] for k in labels]])))
+    ref16 = ref.half().contiguous()  # what ships; validation uses the stored fp16 values
+    held_images = np.asarray(tiny.images[[held_idx[k] for k in labels]])
+    ranks = reference_ranks(scorer, held_images, ref16, list(range(len(labels))))
+    record = {
+        "file": REFERENCES_FILE,
+        "rule": "reference vendor's base drawing with the background nearest white, first on ties",
+        "ceiling": topk_rates(ranks),
+        "mean_rank": float(np.mean(ranks)),
+        "blob_test": round(reference_blob_test(scorer, held_images, ref16), 4),
+    }
+    meta["references"] = record
+    for h, r in zip(meta["heldout"], ranks):
+        h["ref_rank"] = r
+    _write_atomic(
+        folder / REFERENCES_FILE,
+        lambda p: save_file({"embeddings": ref16}, str(p), metadata={"labels": json.dumps(labels)}),
+    )
+    _write_atomic(folder / "scorer.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    log(
+        f"scorer: references for {len(labels)} families; held-out drawings by reference similarity "
+        f"{record['ceiling']}, mean rank {record['mean_rank']:.2f}; blob test {record['blob_test']}"
+    )
+    return record
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -477,7 +603,8 @@ def train_scorer(cfg: ScorerConfig, log=print) -> dict:
     log(
         f"scorer: held-out retrieval among {len(labels)} families: {meta['ceiling']}; blob test {meta['blob_test']}"
     )
-    return meta
+    meta["references"] = write_references(out, cfg.data, log)
+    return json.loads((out / "scorer.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,12 +620,22 @@ def main(argv: list[str] | None = None) -> int:
             "--" + name.replace("_", "-"), type=float, default=ScorerConfig.__dataclass_fields__[name].default
         )
     p.add_argument("--no-blob-negatives", dest="blob_negatives", action="store_false")
-    args = p.parse_args(argv)
-    train_scorer(ScorerConfig(**vars(args)))
+    p.add_argument(
+        "--references-only",
+        action="store_true",
+        help="do not train: write references.safetensors for the scorer already in OUT, from DATA",
+    )
+    args = vars(p.parse_args(argv))
+    try:
+        if args.pop("references_only"):
+            write_references(args["out"], args["data"])
+        else:
+            train_scorer(ScorerConfig(**args))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"python -m fluxion.evaluate.scorer: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

@@ -237,13 +237,13 @@ def test_bad_recipes_are_named(tmp_path, capsys):
     assert "exactly one of" in capsys.readouterr().err
 
 
-def test_resume_after_sigkill(tmp_path):
-    """A real `fluxion curate` process is SIGKILLed mid-run; the re-run processes only the unfinished shards and
-    the output holds every kept image exactly once."""
+def _curate_killed_mid_run(tmp_path, *extra: str):
+    """A real `fluxion curate` over 74 planted images (19 shards of 4), SIGKILLed once 3 shard parts exist:
+    (the command, its env, the killed process, the work folder)."""
     make_planted(tmp_path / "raw", n_base=40, n_dups=12)
     recipe = write_recipe(tmp_path / "r.toml", tmp_path / "raw", tmp_path / "out", shard_size=4)
     env = {**os.environ, "PYTHONPATH": SRC}
-    cmd = [sys.executable, "-m", "fluxion.cli", "curate", str(recipe)]
+    cmd = [sys.executable, "-m", "fluxion.cli", "curate", str(recipe), *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     work = tmp_path / "out" / "_work"
     deadline = time.time() + 120
@@ -251,6 +251,25 @@ def test_resume_after_sigkill(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return cmd, env, proc, work
+
+
+def _assert_every_image_once(out: Path) -> None:
+    """The manifest holds each of the 74 images once, the shards exactly the kept ones, and no temp file is left."""
+    keys = []
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            keys += [n.rsplit(".", 1)[0] for n in tar.getnames() if n.endswith(".txt")]
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert len(manifest) == 74 and len({r["key"] for r in manifest}) == 74
+    assert sorted(keys) == sorted(r["key"] for r in manifest if r["kept"])
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_resume_after_sigkill(tmp_path):
+    """A real `fluxion curate` process is SIGKILLed mid-run; the re-run processes only the unfinished shards and
+    the output holds every kept image exactly once."""
+    cmd, env, proc, work = _curate_killed_mid_run(tmp_path)
     done_before = {int(p.stem.split("-")[1]) for p in work.glob("part-*.parquet")}
     num_shards = -(-74 // 4)
     assert 3 <= len(done_before) < num_shards, "the kill must land mid-run"
@@ -261,14 +280,7 @@ def test_resume_after_sigkill(tmp_path):
     assert sorted(mapped) == list(range(num_shards)), "every shard processed exactly once over both runs"
     second = {e["shard"] for e in log if e["phase"] == "map" and e["pid"] != log[0]["pid"]}
     assert not second & done_before
-    keys = []
-    for shard in sorted((tmp_path / "out").glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            keys += [n.rsplit(".", 1)[0] for n in tar.getnames() if n.endswith(".txt")]
-    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
-    assert len(manifest) == 74 and len({r["key"] for r in manifest}) == 74
-    assert sorted(keys) == sorted(r["key"] for r in manifest if r["kept"])
-    assert not list((tmp_path / "out").rglob("*.tmp"))
+    _assert_every_image_once(tmp_path / "out")
 
 
 def test_a_worker_pool_writes_the_same_manifest(planted, tmp_path):
@@ -303,17 +315,7 @@ def _alive(pid: int) -> bool:
 def test_resume_after_sigkill_with_a_worker_pool(tmp_path):
     """`fluxion curate --workers 2` is SIGKILLed mid-run (the main process only, as the OOM killer would): its
     workers die with it, the re-run maps only the shards without a part, and the output holds every image once."""
-    make_planted(tmp_path / "raw", n_base=40, n_dups=12)
-    recipe = write_recipe(tmp_path / "r.toml", tmp_path / "raw", tmp_path / "out", shard_size=4)
-    env = {**os.environ, "PYTHONPATH": SRC}
-    cmd = [sys.executable, "-m", "fluxion.cli", "curate", str(recipe), "--workers", "2"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    work = tmp_path / "out" / "_work"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(work.glob("part-*.parquet"))) < 3:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    cmd, env, proc, work = _curate_killed_mid_run(tmp_path, "--workers", "2")
     first = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
     workers = {e["pid"] for e in first}
     assert proc.pid not in workers and all(e["run"] == proc.pid for e in first)
@@ -331,14 +333,7 @@ def test_resume_after_sigkill_with_a_worker_pool(tmp_path):
     assert len(mapped) == len(set(mapped)), "no shard was mapped twice"
     second = {e["shard"] for e in log if e["phase"] == "map" and e["run"] != proc.pid}
     assert not second & done_before and second | done_before == set(range(num_shards))
-    keys = []
-    for shard in sorted((tmp_path / "out").glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            keys += [n.rsplit(".", 1)[0] for n in tar.getnames() if n.endswith(".txt")]
-    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
-    assert len(manifest) == 74 and len({r["key"] for r in manifest}) == 74
-    assert sorted(keys) == sorted(r["key"] for r in manifest if r["kept"])
-    assert not list((tmp_path / "out").rglob("*.tmp"))
+    _assert_every_image_once(tmp_path / "out")
 
 
 @pytest.mark.slow

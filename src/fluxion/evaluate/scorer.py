@@ -558,12 +558,11 @@ def _fit(
                 loss = (F.cross_entropy(logits, labels) + F.cross_entropy(per_text, labels)) / 2
                 if cfg.blob_pair_weight > 0 and len(
                     blobs
-                ):  # own image against own blob, softplus(blob - real)
-                    pair = per_text[has_blob.nonzero().flatten()]
-                    gap = (
-                        pair[torch.arange(len(blobs)), len(b) + torch.arange(len(blobs))]
-                        - pair[torch.arange(len(blobs)), has_blob.nonzero().flatten()]
-                    )
+                ):  # own image against own blob: softplus(blob - real)
+                    own = (
+                        has_blob.nonzero().flatten()
+                    )  # caption rows with a blob; blob k is column len(b) + k
+                    gap = per_text[own, len(b) + torch.arange(len(blobs))] - per_text[own, own]
                     loss = loss + cfg.blob_pair_weight * F.softplus(gap).mean()
             else:
                 loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -616,7 +615,7 @@ def train_scorer(cfg: ScorerConfig, log=print) -> dict:
     log(
         f"scorer: held-out retrieval among {len(labels)} families: {meta['ceiling']}; blob test {meta['blob_test']}"
     )
-    meta["references"] = write_references(out, cfg.data, log)
+    write_references(out, cfg.data, log)  # adds "references" and per-family "ref_rank" to scorer.json
     return json.loads((out / "scorer.json").read_text())
 
 

@@ -255,7 +255,9 @@ class InProcessServer:
     """The product in one process (API + worker, SQLite), on models built once; `naive`: batch 1 and no overlap
     (each request encoded, denoised, decoded, encoded and stored in turn: one request at a time)."""
 
-    def __init__(self, models, max_batch: int, port: int, overlap: bool = True, watermark: bool = False):
+    def __init__(
+        self, models, max_batch: int, port: int, overlap: bool = True, watermark: bool = False, previews=True
+    ):
         import uvicorn
 
         from fluxion.serve.app import create_app
@@ -273,6 +275,7 @@ class InProcessServer:
             poll_s=0.005,
             overlap=overlap,
             watermark=watermark,
+            live_previews=previews,
         )
         app = create_app(self.cfg, models={"flux-2-klein-4b": models})
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -420,7 +423,7 @@ def gpu(args, report: Report) -> None:
             "max_batch": mb,
             "compile": bool(args.compile),
             "watermark": "off except the rows labelled '+ watermark'",
-            "live_previews": True,
+            "live_previews": "on except the rows labelled 'live previews off'",
         }
     )
 
@@ -430,11 +433,14 @@ def gpu(args, report: Report) -> None:
             return s.getsockname()[1]
 
     def server_rows(precision: str, variants, sizes=sizes) -> None:
-        for label, batch, overlap, watermark, levels in variants:
+        for label, batch, overlap, watermark, levels, *rest in variants:
+            previews = rest[0] if rest else True
             if time.time() > deadline:
                 print(f"budget spent: skipping {precision} {label}")
                 continue
-            srv = InProcessServer(models, batch, port(), overlap=overlap, watermark=watermark)
+            srv = InProcessServer(
+                models, batch, port(), overlap=overlap, watermark=watermark, previews=previews
+            )
             try:
                 for size in sizes:
                     warm = min(batch, 8)  # the batch sizes this server forms, before the timed rows
@@ -464,6 +470,7 @@ def gpu(args, report: Report) -> None:
                                 "max_batch": batch,
                                 "overlap": overlap,
                                 "watermark": watermark,
+                                "live_previews": previews,
                             }
                         )
                         pct, against = overhead(row, refs, precision, size, batch)
@@ -482,7 +489,15 @@ def gpu(args, report: Report) -> None:
     # the cost of the invisible watermark (on by default in `fluxion serve`).
     apply(models.transformer, AccelOptions(attention=fast, **compiled))
     library_rows(models, sizes, steps, (1, mb), "bf16", report, refs, deadline, args.smoke)
-    server_rows("bf16", main)
+    if not args.skip_bf16_server:
+        server_rows("bf16", main)
+    if args.previews_off:  # what the live thumbnails cost the server
+        off = [
+            (f"server (max batch {mb}), live previews off", mb, not args.no_overlap, False, levels[1:], False)
+        ]
+        server_rows("bf16", off)
+    if args.bf16_only:
+        return
     diffusers_loop(args, models, hf, sizes, steps, report, deadline)
     if args.smoke:
         apply(models.transformer, AccelOptions(attention=fast))  # no fp8 kernels on the CPU: the path only
@@ -522,7 +537,9 @@ def diffusers_loop(args, models, hf, sizes, steps, report, deadline) -> None:
     with torch.device("meta"):
         dv = AutoencoderKLFlux2(**kw)
     dv.load_state_dict(vae_bfl_to_diffusers(models.vae.state_dict()), strict=True, assign=True)
-    dv = dv.to(device, next(models.vae.parameters()).dtype).eval()  # one dtype, as our VAE
+    # bf16 as a diffusers user loads it (torch_dtype=bfloat16): its pipeline hands the VAE latents in the
+    # transformer's dtype without casting, so an fp32 VAE fails on the first decode.
+    dv = dv.to(device, models.dtype).eval()
     sched = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
@@ -603,6 +620,13 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--n-min", type=int, default=16, help="CPU: requests per concurrency level (at least)")
+    ap.add_argument(
+        "--skip-bf16-server", action="store_true", help="GPU: no bf16 server rows (library rows still run)"
+    )
+    ap.add_argument("--bf16-only", action="store_true", help="GPU: no diffusers, no fp8 rows")
+    ap.add_argument(
+        "--previews-off", action="store_true", help="GPU: also the bf16 server without live previews (c>1)"
+    )
     ap.add_argument("--budget-s", type=float, default=330, help="GPU: start no new row after this (s)")
     ap.add_argument(
         "--no-overlap",

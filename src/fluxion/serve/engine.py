@@ -183,6 +183,8 @@ class Overlap:
         self.enabled, self.device = enabled, device  # device: the models' CUDA device, None off CUDA
         self.prep_pool = ThreadPoolExecutor(1, "fluxion-prep") if enabled else None
         self.finish_pool = ThreadPoolExecutor(finishers, "fluxion-finish") if enabled else None
+        # one thread, so a job's thumbnails reach the store in step order
+        self.preview_pool = ThreadPoolExecutor(1, "fluxion-preview") if enabled else None
         self._local = threading.local()
 
     def prep(self, fn, *args) -> Future:
@@ -190,6 +192,9 @@ class Overlap:
 
     def finish(self, fn, *args) -> Future:
         return self._submit(self.finish_pool, fn, *args)
+
+    def preview(self, fn, *args) -> Future:
+        return self._submit(self.preview_pool, fn, *args)
 
     @staticmethod
     def _submit(pool, fn, *args) -> Future:
@@ -216,7 +221,7 @@ class Overlap:
         return torch.cuda.stream(s) if s is not None else contextlib.nullcontext()
 
     def close(self) -> None:
-        for pool in (self.prep_pool, self.finish_pool):
+        for pool in (self.prep_pool, self.finish_pool, self.preview_pool):
             if pool is not None:
                 pool.shutdown(wait=True)
 
@@ -530,6 +535,7 @@ class Worker:
             members: list[str] = []
             x = ctx = neg = ids = None
             prev_done = None  # event of the previous step: the CPU runs at most one step ahead
+            previews_out: list[Future] = []  # live thumbnails queued on the preview thread
             last_beat = last_live = 0.0
             t_step = time.perf_counter()
             while rows or ready or pending:
@@ -597,18 +603,29 @@ class Worker:
                         log.info("cancelled", extra={"event": "cancelled", "job": job_id})
                     rows = [r for r in rows if r.job.id in open_jobs]
                     self.on_change()
-                # -- live thumbnails from the x0 estimate (first step of a job always, else <= 4/s)
+                # -- live thumbnails from the x0 estimate (first step of a job always, else <= 4/s). Only the
+                # estimate is queued here (GPU, async); its copy to the CPU, the PNG and the store write run on
+                # the preview thread: done inline they would wait for this step's kernels and leave the GPU
+                # idle while the CPU encodes. A backlog (slow store) drops the non-first thumbnails.
                 if self.cfg.live_previews and rows:
                     due = now - last_live >= 0.25
-                    shown = [r for r in rows if due or r.step == 1]
-                    for r in shown:
-                        est = denoised_estimate(r.prev, r.x, sh.timesteps[r.step - 1], sh.timesteps[r.step])
-                        thumb = pmap.image(est, sh.h, sh.w, scale=4)
-                        self.store.add_preview(r.job.id, token, LIVE_PREVIEW, encode_image(thumb, "png"))
+                    busy = sum(not f.done() for f in previews_out)
+                    shown = [r for r in rows if r.step == 1 or (due and busy < max_batch)]
+                    ests = [
+                        denoised_estimate(r.prev, r.x, sh.timesteps[r.step - 1], sh.timesteps[r.step])
+                        for r in shown
+                    ]
+                    est_done = None
+                    if cuda and ests:  # after the estimates' kernels (queued after step_done)
+                        est_done = torch.cuda.Event()
+                        est_done.record(torch.cuda.current_stream(models.device))
+                    for r, est in zip(shown, ests):
+                        previews_out.append(
+                            self.overlap.preview(self._live_preview, token, r.job.id, pmap, sh, est, est_done)
+                        )
+                    previews_out = [f for f in previews_out if not f.done()]
                     if due:
                         last_live = now
-                    if shown:
-                        self.on_change()
                 # -- admission at the step boundary: queued jobs of this key take free rows; rows finishing at
                 # the next step count as free, so those jobs' prompts are encoded while that step runs
                 if not stop.is_set():
@@ -632,6 +649,22 @@ class Worker:
             "batch ran",
             extra={"event": "ran", "jobs": n_jobs, "seconds": round(time.perf_counter() - started, 3)},
         )
+
+    @torch.no_grad()
+    def _live_preview(self, token: str, job_id: str, pmap, sh: _Shape, est, made) -> None:
+        """Preview thread: one live thumbnail (est: the x0 estimate, tokens [1, h*w, C] made on the denoise
+        stream; made: the event after its kernels) to a PNG in the store. A failure costs this thumbnail only."""
+        try:
+            with self.overlap.on_side_stream():
+                side = self.overlap.stream()
+                if side is not None and made is not None:
+                    side.wait_event(made)
+                    est.record_stream(side)
+                thumb = pmap.image(est, sh.h, sh.w, scale=4)  # to the CPU: waits for this stream only
+            self.store.add_preview(job_id, token, LIVE_PREVIEW, encode_image(thumb, "png"))
+            self.on_change()
+        except Exception:
+            log.warning("a live preview failed", exc_info=True, extra={"event": "preview_error"})
 
     @torch.no_grad()
     def _finish_row(self, token: str, sh: _Shape, row: _Row, step_done) -> None:

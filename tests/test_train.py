@@ -202,6 +202,43 @@ def test_webdataset_shards_and_curriculum(parts, tmp_path):
     assert summary["steps"] == 2 and (tmp_path / "cur" / "stage-1" / "transformer.safetensors").is_file()
 
 
+@pytest.mark.parametrize("fmt,compress", [("gnu", ""), ("pax", ""), ("ustar", "gz")])
+def test_tar_shards_read_each_image_by_its_offset(tmp_path, fmt, compress):
+    """Every sample's pixels are those of its own member: plain shards are read at the indexed byte offset
+    (long names add extra header blocks in GNU and PAX tars), a gzip stream named .tar through tarfile."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from fluxion.train.data import TarShards
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    mode = "w:gz" if compress else "w"
+    longdir = "" if fmt == "ustar" else "d" * 120 + "/"  # > 100 characters: a long-name header block first
+    fmt_code = {"gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT, "ustar": tarfile.USTAR_FORMAT}[fmt]
+    values = [7, 70, 140, 210, 250]
+    with tarfile.open(shards / "000000.tar", mode, format=fmt_code) as tar:
+        for i, v in enumerate(values):
+            for name, data in [
+                (f"{longdir}{i:04d}.png", _png(np.full((32, 32, 3), v, np.uint8), Image, io)),
+                (f"{longdir}{i:04d}.txt", f"grey {v}".encode()),
+            ]:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = TarShards(shards, pixels=32 * 32)
+    assert len(data) == len(values)
+    assert (all(s is not None for s in data.spans)) == (not compress)  # compressed: no offsets to seek to
+    for i in range(len(data)):
+        sample = data.sample(i)
+        v = int(sample.caption.split()[1])
+        expected = v / 127.5 - 1  # to_tensor maps [0, 255] to [-1, 1]
+        assert abs(float(sample.image.mean()) - expected) < 1e-3, (i, sample.caption)
+
+
 def _png(arr, Image, io) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")

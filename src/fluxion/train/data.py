@@ -195,7 +195,16 @@ class TarShards:
         self.items: list[tuple[int, str, str]] = []  # (shard index, image member, caption or json member)
         self.captions: list[str] = []
         self.sizes: list[tuple[int, int]] = []
+        # Where each image's bytes lie in its (uncompressed) shard: (byte offset, length). None for a compressed
+        # shard, read through tarfile instead. Opening a tar by member name scans every header before it, so a
+        # per-sample open would cost O(shard) per image.
+        self.spans: list[tuple[int, int] | None] = []
         for k, shard in enumerate(self.shards):
+            try:
+                with tarfile.open(shard, "r:"):
+                    plain = True
+            except tarfile.ReadError:
+                plain = False  # gzip / bz2 / xz inside a .tar name: tarfile still reads it, without seeking
             with tarfile.open(shard) as tar:
                 members = {m.name: m for m in tar.getmembers() if m.isfile()}
                 for name, member in members.items():
@@ -212,6 +221,9 @@ class TarShards:
                     with Image.open(tar.extractfile(member)) as im:  # reads the header only
                         size = nearest_bucket(self.buckets, im.width, im.height)
                     self.items.append((k, name, caption))
+                    self.spans.append(
+                        (member.offset_data, member.size) if plain and not member.issparse() else None
+                    )
                     self.captions.append(caption)
                     self.sizes.append(size)
         # Precomputed latents / text embeddings for these buckets, per shard, with who made them.
@@ -235,8 +247,14 @@ class TarShards:
         import tarfile
 
         k, name, caption = self.items[index]
-        with tarfile.open(self.shards[k]) as tar:
-            data = tar.extractfile(name).read()
+        span = self.spans[index]
+        if span is not None:
+            with open(self.shards[k], "rb") as f:
+                f.seek(span[0])
+                data = f.read(span[1])
+        else:
+            with tarfile.open(self.shards[k]) as tar:
+                data = tar.extractfile(name).read()
         with Image.open(io.BytesIO(data)) as im:
             image = fit_to_bucket(im.convert("RGB"), self.sizes[index])
         sample = Sample(to_tensor(image), caption, key=f"{self.shards[k]}:{name}:{self.sizes[index]}")

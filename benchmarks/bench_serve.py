@@ -480,25 +480,23 @@ def gpu(args, report: Report) -> None:
                 srv.stop()
 
     levels = (1, 8) if args.smoke else (1, 8, 32)
-    main = [
-        (f"server (continuous batching, max batch {mb})", mb, not args.no_overlap, False, levels),
-        ("naive server (batch 1, one request at a time)", 1, False, False, levels),
-    ]
+    server = [(f"server (continuous batching, max batch {mb})", mb, not args.no_overlap, False, levels)]
+    naive = [("naive server (batch 1, one request at a time)", 1, False, False, levels)]
+    # what the live thumbnails cost the server (c > 1)
+    off = [(f"server (max batch {mb}), live previews off", mb, not args.no_overlap, False, levels[1:], False)]
+    precisions = args.precisions.split(",")
     # In order of importance (rows stop at the budget): bf16 library reference, server and naive server;
-    # diffusers on the same bf16 weights; then the fp8 transformer (converted in place) through the same; last
+    # diffusers on the same bf16 weights (before fp8 converts them in place); then fp8 through the same; last
     # the cost of the invisible watermark (on by default in `fluxion serve`).
-    apply(models.transformer, AccelOptions(attention=fast, **compiled))
-    library_rows(models, sizes, steps, (1, mb), "bf16", report, refs, deadline, args.smoke)
-    if not args.skip_bf16_server:
-        server_rows("bf16", main)
-    if args.previews_off:  # what the live thumbnails cost the server
-        off = [
-            (f"server (max batch {mb}), live previews off", mb, not args.no_overlap, False, levels[1:], False)
-        ]
-        server_rows("bf16", off)
-    if args.bf16_only:
+    if "bf16" in precisions:
+        apply(models.transformer, AccelOptions(attention=fast, **compiled))
+        library_rows(models, sizes, steps, (1, mb), "bf16", report, refs, deadline, args.smoke)
+        if not args.skip_bf16_server:
+            server_rows("bf16", server + (off if args.previews_off else []) + naive)
+    if not args.no_diffusers:
+        diffusers_loop(args, models, hf, sizes, steps, report, deadline)
+    if "fp8" not in precisions:
         return
-    diffusers_loop(args, models, hf, sizes, steps, report, deadline)
     if args.smoke:
         apply(models.transformer, AccelOptions(attention=fast))  # no fp8 kernels on the CPU: the path only
     else:
@@ -506,7 +504,7 @@ def gpu(args, report: Report) -> None:
             torch._dynamo.reset()
         apply(models.transformer, AccelOptions(attention=fast, fp8=True, **compiled))
     library_rows(models, sizes, steps, (1, mb), "fp8", report, refs, deadline, args.smoke)
-    server_rows("fp8", main)
+    server_rows("fp8", server + (off if args.previews_off else []) + naive)
     wm = [(f"server (max batch {mb}) + watermark", mb, not args.no_overlap, True, (8,))]
     server_rows("fp8", wm, sizes=sizes[-1:])
 
@@ -623,7 +621,8 @@ def main() -> None:
     ap.add_argument(
         "--skip-bf16-server", action="store_true", help="GPU: no bf16 server rows (library rows still run)"
     )
-    ap.add_argument("--bf16-only", action="store_true", help="GPU: no diffusers, no fp8 rows")
+    ap.add_argument("--precisions", default="bf16,fp8", help="GPU: which of bf16,fp8 to run (in that order)")
+    ap.add_argument("--no-diffusers", action="store_true", help="GPU: skip the diffusers loop")
     ap.add_argument(
         "--previews-off", action="store_true", help="GPU: also the bf16 server without live previews (c>1)"
     )
@@ -637,6 +636,8 @@ def main() -> None:
         "--compile", action="store_true", help="GPU: regional compile, dynamic batch (slow start)"
     )
     args = ap.parse_args()
+    if not args.precisions or set(args.precisions.split(",")) - {"bf16", "fp8"}:
+        ap.error(f"--precisions: a comma-separated subset of bf16,fp8, got {args.precisions!r}")
     sys.path.insert(0, str(HERE))
     import torch
 

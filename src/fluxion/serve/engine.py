@@ -609,8 +609,8 @@ class Worker:
                 # idle while the CPU encodes. A backlog (slow store) drops the non-first thumbnails.
                 if self.cfg.live_previews and rows:
                     due = now - last_live >= 0.25
-                    busy = sum(not f.done() for f in previews_out)
-                    shown = [r for r in rows if r.step == 1 or (due and busy < max_batch)]
+                    busy = sum(not f.done() for f in previews_out)  # steps whose thumbnails wait to be stored
+                    shown = [r for r in rows if r.step == 1 or (due and busy < 2)]
                     ests = [
                         denoised_estimate(r.prev, r.x, sh.timesteps[r.step - 1], sh.timesteps[r.step])
                         for r in shown
@@ -619,9 +619,12 @@ class Worker:
                     if cuda and ests:  # after the estimates' kernels (queued after step_done)
                         est_done = torch.cuda.Event()
                         est_done.record(torch.cuda.current_stream(models.device))
-                    for r, est in zip(shown, ests):
+                    if shown:  # one task (and one wake of the event streams) per step
+                        shown_ids = [r.job.id for r in shown]
                         previews_out.append(
-                            self.overlap.preview(self._live_preview, token, r.job.id, pmap, sh, est, est_done)
+                            self.overlap.preview(
+                                self._live_previews, token, shown_ids, pmap, sh, ests, est_done
+                            )
                         )
                     previews_out = [f for f in previews_out if not f.done()]
                     if due:
@@ -651,20 +654,23 @@ class Worker:
         )
 
     @torch.no_grad()
-    def _live_preview(self, token: str, job_id: str, pmap, sh: _Shape, est, made) -> None:
-        """Preview thread: one live thumbnail (est: the x0 estimate, tokens [1, h*w, C] made on the denoise
-        stream; made: the event after its kernels) to a PNG in the store. A failure costs this thumbnail only."""
-        try:
-            with self.overlap.on_side_stream():
-                side = self.overlap.stream()
-                if side is not None and made is not None:
-                    side.wait_event(made)
+    def _live_previews(self, token: str, job_ids: list[str], pmap, sh: _Shape, ests: list, made) -> None:
+        """Preview thread: one live thumbnail per job (ests: their x0 estimates, tokens [1, h*w, C] made on the
+        denoise stream; made: the event after their kernels) to PNGs in the store. A failure costs that
+        thumbnail only."""
+        with self.overlap.on_side_stream():
+            side = self.overlap.stream()
+            if side is not None and made is not None:
+                side.wait_event(made)
+                for est in ests:
                     est.record_stream(side)
-                thumb = pmap.image(est, sh.h, sh.w, scale=4)  # to the CPU: waits for this stream only
-            self.store.add_preview(job_id, token, LIVE_PREVIEW, encode_image(thumb, "png"))
-            self.on_change()
-        except Exception:
-            log.warning("a live preview failed", exc_info=True, extra={"event": "preview_error"})
+            for job_id, est in zip(job_ids, ests):
+                try:
+                    thumb = pmap.image(est, sh.h, sh.w, scale=4)  # to the CPU: waits for this stream only
+                    self.store.add_preview(job_id, token, LIVE_PREVIEW, encode_image(thumb, "png"))
+                except Exception:
+                    log.warning("a live preview failed", exc_info=True, extra={"event": "preview_error"})
+        self.on_change()
 
     @torch.no_grad()
     def _finish_row(self, token: str, sh: _Shape, row: _Row, step_done) -> None:

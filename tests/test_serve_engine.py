@@ -256,3 +256,41 @@ def test_a_failing_job_fails_alone(tmp_path, models):
         run.close()
     assert jobs[ids[0]].status == st.ERROR and "--upsampler" in jobs[ids[0]].error
     assert jobs[ids[1]].status == st.READY and jobs[ids[1]].claim == jobs[ids[0]].claim
+
+
+def test_freed_rows_are_refilled_at_once_with_a_slow_text_encoder(tmp_path, models):
+    """max_batch 2: A runs one step alone, then B joins; C and D queue behind them. Prompt preparation (the
+    text encoder) is slowed to several steps' time, as a large encoder sharing the GPU with the denoise loop can
+    be: admission claims two steps ahead and the loop waits for the prompts at a freed row, so every forward but
+    A's first and D's last has two rows: 2 * STEPS + 1 forwards, two of them single-row."""
+    queued = [("a red heart", 1), ("a blue square", 2), ("a green circle", 3)]
+    ids: dict[str, str] = {}
+
+    def hook():  # on the worker thread, at A's first progress write: B, C and D arrive together
+        if "b" not in ids and "a" in ids and run.store.get(ids["a"]).progress > 0:
+            for name, spec in zip("bcd", run.store.submit([job_spec(*q) for q in queued], key_id=None)):
+                ids[name] = spec
+
+    run = Running(tmp_path, models, hook, max_batch=2, admit_wait=100.0)
+    prepare = run.worker._prepare
+
+    def slow_prepare(sh, jobs):
+        time.sleep(0.4)  # several steps of fluxion-tiny at 64² on a CPU
+        return prepare(sh, jobs)
+
+    run.worker._prepare = slow_prepare
+    [ids["a"]] = run.store.submit([job_spec("a yellow star", 0)], key_id=None)
+    run.start()
+    try:
+        deadline = time.time() + 60
+        while "d" not in ids and time.time() < deadline:
+            time.sleep(0.01)
+        jobs = run.wait([ids[k] for k in "abcd"])
+    finally:
+        run.close()
+    assert all(j.status == st.READY for j in jobs.values()), [j.error for j in jobs.values()]
+    reg = run.metrics.registry
+    forwards = reg.get_sample_value("fluxion_step_rows_count")
+    single = reg.get_sample_value("fluxion_step_rows_bucket", {"le": "1.0"})
+    assert reg.get_sample_value("fluxion_step_rows_sum") == 4 * STEPS  # every job's steps, once
+    assert (forwards, single) == (2 * STEPS + 1, 2)

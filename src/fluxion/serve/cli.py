@@ -79,6 +79,12 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-mp", type=float, default=d.max_mp, help="largest output in megapixels (422 beyond)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="jobs of one shape run together")
     p.add_argument(
+        "--admit-wait",
+        type=float,
+        default=d.admit_wait,
+        help="a free row waits for prompts being encoded at most this fraction of a step (0: never)",
+    )
+    p.add_argument(
         "--lease", type=float, default=d.lease_s, help="seconds before a silent worker's jobs requeue"
     )
     p.add_argument("--max-attempts", type=int, default=d.max_attempts)
@@ -145,6 +151,8 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
     ):
         if v < 1:
             raise ValueError(f"{flag} must be at least 1, got {v}")
+    if not 0 <= a.admit_wait <= 100:
+        raise ValueError(f"--admit-wait is a fraction of a step in [0, 100], got {a.admit_wait}")
     if not a.max_mp > 0 or not a.lease > 0:
         raise ValueError("--max-mp and --lease must be positive")
     if bool(a.c2pa_cert) != bool(a.c2pa_key):
@@ -166,6 +174,7 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
         queue_cap=a.queue_cap,
         max_mp=a.max_mp,
         max_batch=a.max_batch,
+        admit_wait=a.admit_wait,
         lease_s=a.lease,
         max_attempts=a.max_attempts,
         result_ttl_s=a.result_ttl,

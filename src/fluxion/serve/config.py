@@ -38,6 +38,9 @@ class ServeConfig:
     overlap: bool = (
         True  # text encoding and decode + encode + store of finished rows on threads (engine.Overlap)
     )
+    # A free row waits for the prompts being encoded for it at most this fraction of the last step's time (on
+    # CUDA that step is still running, so a wait shorter than it costs no GPU time); 0: never wait.
+    admit_wait: float = 0.5
     lease_s: float = 30.0  # a worker that misses its heartbeats this long has its jobs requeued
     max_attempts: int = 3
     poll_s: float = 0.05  # how often an idle worker looks for work
@@ -60,6 +63,10 @@ class ServeConfig:
     upsampler: str | None = None  # transformers folder of a chat LLM for prompt_upsampling (None: refused)
     text: str | None = None  # http(s) URL of a `fluxion serve --role text-encoder` (None: load it here)
     prompt_cache: str | None = None  # folder of cached prompt embeddings in front of the text encoder
+
+    def __post_init__(self):
+        if not 0 <= self.admit_wait <= 100:
+            raise ValueError(f"admit_wait is a fraction of a step in [0, 100], got {self.admit_wait}")
 
     @property
     def base_url(self) -> str:

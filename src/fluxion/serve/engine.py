@@ -537,11 +537,15 @@ class Worker:
             prev_done = None  # event of the previous step: the CPU runs at most one step ahead
             previews_out: list[Future] = []  # live thumbnails queued on the preview thread
             last_beat = last_live = 0.0
-            t_step = time.perf_counter()
+            t_step, last_step_s = time.perf_counter(), 0.0
             while rows or ready or pending:
-                # -- adopt prepared rows (wait only when there is nothing to denoise meanwhile)
+                # -- adopt prepared rows: with nothing to denoise, wait for the first; with a free row, wait a
+                # little for the prompts being encoded (the last step still runs on CUDA) rather than run a step
+                # with the row empty
                 if not rows and not ready:
                     wait([f for _, f in pending], return_when=FIRST_COMPLETED)
+                elif pending and len(rows) + len(ready) < max_batch and last_step_s > 0:
+                    wait([f for _, f in pending], timeout=self.cfg.admit_wait * last_step_s)
                 still, done_now = [], []
                 for p in pending:
                     (done_now if p[1].done() else still).append(p)
@@ -583,7 +587,8 @@ class Worker:
                         prev_done.synchronize()
                     prev_done = step_done
                 now = time.perf_counter()
-                self.metrics.step_seconds.observe(now - t_step)
+                last_step_s = now - t_step
+                self.metrics.step_seconds.observe(last_step_s)
                 self.metrics.step_rows.observe(len(rows))
                 t_step = now
                 # -- finished rows leave: decode + encode + store off this loop
@@ -629,11 +634,12 @@ class Worker:
                     previews_out = [f for f in previews_out if not f.done()]
                     if due:
                         last_live = now
-                # -- admission at the step boundary: queued jobs of this key take free rows; rows finishing at
-                # the next step count as free, so those jobs' prompts are encoded while that step runs
+                # -- admission at the step boundary: queued jobs of this key take free rows; rows finishing in
+                # the next two steps count as free, so those jobs' prompts are encoded while the steps run (one
+                # step can be shorter than a text encode that shares the GPU with it)
                 if not stop.is_set():
                     room = max_batch - len(rows) - len(ready) - sum(len(jobs) for jobs, _ in pending)
-                    room += sum(r.step == steps - 1 for r in rows)
+                    room += sum(r.step >= steps - 2 for r in rows)
                     if room > 0:
                         more = self.store.claim_more(token, self.id, [sh.model], room, self.cfg.lease_s)
                         if more:

@@ -331,3 +331,46 @@ def test_serve_cli_bad_flags_one_line(capsys, tmp_path):
     assert main(["serve", "--db", db, "--model", "klein=/nonexistent/folder", "--role", "api"]) == 2
     assert "/nonexistent/folder" in capsys.readouterr().err
     assert not (tmp_path / "jobs.db").exists()  # nothing created for a command that failed
+
+
+def test_changes_wake_only_the_waiters_of_the_changed_jobs():
+    """A change to job a wakes a's waiter and not b's (b's returns at its timeout); a change not tied to jobs
+    wakes everyone; a token read before a change makes wait() return at once; a forgotten job version reads as
+    changed (one extra store read, never a missed wake)."""
+    import asyncio
+
+    from fluxion.serve.app import Changes
+
+    async def main():
+        ch = Changes()
+        ch.loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+
+        async def waiter(ids, timeout):
+            await ch.wait(timeout, ch.seen(ids), ids)
+            return time.perf_counter() - t0
+
+        a = asyncio.create_task(waiter(["a"], 2.0))
+        b = asyncio.create_task(waiter(["b"], 0.6))
+        anyone = asyncio.create_task(waiter(None, 2.0))
+        await asyncio.sleep(0.05)
+        ch.notify(["a", "c"])
+        ta, tany = await a, await anyone
+        assert ta < 0.5 and tany < 0.5  # woken by the change
+        assert await b >= 0.6  # not woken: its timeout
+        seen = ch.seen(["b"])
+        ch.notify(None)  # a change for every job
+        await asyncio.sleep(0.01)
+        assert ch.seen(["b"]) != seen
+        t1 = time.perf_counter()
+        await ch.wait(2.0, seen, ["b"])  # stale token: returns at once
+        assert time.perf_counter() - t1 < 0.1
+        ch.KEEP = 2
+        seen_a = ch.seen(["a"])
+        ch.notify(["x"])
+        ch.notify(["y"])
+        await asyncio.sleep(0.01)
+        assert "a" not in ch.jobs and ch.seen(["a"]) != seen_a  # forgotten: reads as changed
+        assert not ch.waiters  # none left behind
+
+    asyncio.run(main())

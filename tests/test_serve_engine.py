@@ -68,7 +68,7 @@ class Running:
             {"fluxion-tiny": models},
             Blocklist(),
             self.metrics,
-            on_change=lambda: self.hook(),
+            on_change=lambda job_ids=None: self.hook(),
             overlap=overlap,
         )
         self.stop = threading.Event()

@@ -125,34 +125,55 @@ def _validation_message(err: ValidationError) -> tuple[str, str | None]:
 
 class Changes:
     """Wakes the async waiters of this process (SSE streams, OpenAI requests) when an in-process worker wrote
-    something; waiters also time out and re-read the store, which is how changes made by workers in other
-    processes arrive."""
+    something about the jobs they watch; waiters also time out and re-read the store, which is how changes made
+    by workers in other processes arrive. Per job: with 32 open event streams, a step of one batch must not make
+    every stream re-read the store (those reads hold the GIL the denoise loop launches its kernels under)."""
+
+    KEEP = 100_000  # job versions remembered; a forgotten one reads as "changed" (one extra store read)
 
     def __init__(self):
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.waiters: set[asyncio.Future] = set()
-        self.version = 0  # bumped on the loop at each wake; read it before the store, pass it to wait()
+        self.waiters: dict[asyncio.Future, frozenset[str] | None] = {}  # None: wake on any change
+        self.version = 0  # bumped on the loop at each wake
+        self.everyone = 0  # the version of the last change not tied to given jobs
+        self.jobs: dict[str, int] = {}  # job id -> version of its last change
 
-    def notify(self) -> None:  # from any thread
+    def notify(self, job_ids=None) -> None:  # from any thread; job_ids None: a change that may touch any job
         if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._wake)
+            ids = None if job_ids is None else frozenset(job_ids)
+            self.loop.call_soon_threadsafe(self._wake, ids)
 
-    def _wake(self) -> None:
+    def _wake(self, ids: frozenset[str] | None) -> None:
         self.version += 1
-        for f in self.waiters:
-            if not f.done():
-                f.set_result(None)
-        self.waiters.clear()
+        if ids is None:
+            self.everyone = self.version
+        else:
+            for i in ids:
+                self.jobs.pop(i, None)
+                self.jobs[i] = self.version  # insertion order = age: the oldest are dropped first
+            while len(self.jobs) > self.KEEP:
+                self.jobs.pop(next(iter(self.jobs)))
+        for f, watch in list(self.waiters.items()):
+            if ids is None or watch is None or watch & ids:
+                del self.waiters[f]
+                if not f.done():
+                    f.set_result(None)
 
-    async def wait(self, timeout: float, seen: int) -> None:
-        if self.version != seen:  # something changed since the caller read the store
+    def seen(self, ids=None) -> tuple[int, int]:
+        """A token for the current state of these jobs (all: None); read it before the store, pass it to wait()."""
+        if ids is None:
+            return (self.version, self.version)
+        return (self.everyone, max((self.jobs.get(i, 0) for i in ids), default=0))
+
+    async def wait(self, timeout: float, seen: tuple[int, int], ids=None) -> None:
+        if self.seen(ids) != seen:  # something changed since the caller read the store
             return
         f = asyncio.get_running_loop().create_future()
-        self.waiters.add(f)
+        self.waiters[f] = None if ids is None else frozenset(ids)
         try:
             await asyncio.wait_for(f, timeout)
         except asyncio.TimeoutError:
-            self.waiters.discard(f)
+            self.waiters.pop(f, None)
 
 
 class Service:
@@ -551,7 +572,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
         async def stream():
             last, last_preview = None, None
             while not await request.is_disconnected():
-                seen = svc.changes.version
+                seen = svc.changes.seen([job_id])
                 job = await asyncio.to_thread(svc.store.get, job_id)
                 body = svc.result_body(job, request)
                 if body["status"] != "Pending":
@@ -568,7 +589,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
                 if (body["status"], body["progress"]) != last or body.get("preview"):
                     last = (body["status"], body["progress"])
                     yield f"event: progress\ndata: {json.dumps(body)}\n\n"
-                await svc.changes.wait(svc.poll_s, seen)
+                await svc.changes.wait(svc.poll_s, seen, [job_id])
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -808,7 +829,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
     async def wait_all(request: Request, ids: list[str]) -> dict[str, st.Job]:
         deadline = time.time() + cfg.sync_timeout_s
         while True:
-            seen = svc.changes.version
+            seen = svc.changes.seen(ids)
             jobs = await asyncio.to_thread(svc.store.get_many, ids)
             if all(j.status in st.TERMINAL for j in jobs.values()):
                 return jobs
@@ -822,7 +843,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
                     f"not finished within {cfg.sync_timeout_s:g} s; the jobs keep running",
                     code="timeout",
                 )
-            await svc.changes.wait(svc.poll_s, seen)
+            await svc.changes.wait(svc.poll_s, seen, ids)
 
     async def openai_stream(request: Request, ids: list[str], body: OpenAIGeneration, size: str):
         sent: dict[str, int] = {i: 0 for i in ids}
@@ -833,8 +854,9 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
                 for job_id in pending:
                     await asyncio.to_thread(svc.store.request_cancel, job_id)
                 return
-            seen = svc.changes.version
-            jobs = await asyncio.to_thread(svc.store.get_many, list(pending))
+            watched = list(pending)
+            seen = svc.changes.seen(watched)
+            jobs = await asyncio.to_thread(svc.store.get_many, watched)
             for image_index, job_id in enumerate(ids):
                 if job_id not in pending:
                     continue
@@ -871,7 +893,7 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
                         e = job_failure(job)
                         err = {"type": "error", "error": {"message": e.message, "code": e.code}}
                         yield f"event: error\ndata: {json.dumps(err)}\n\n"
-            await svc.changes.wait(svc.poll_s, seen)
+            await svc.changes.wait(svc.poll_s, seen, watched)
 
     @app.post(
         "/v1/images/generations",

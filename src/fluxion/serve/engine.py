@@ -279,7 +279,8 @@ class Worker:
         )
         self.id = cfg.worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.alive = False
-        self.on_change = on_change or (lambda: None)  # wakes in-process waiters (SSE, OpenAI) after a write
+        # wakes in-process waiters (SSE, OpenAI) after a write: on_change(job_ids), None for any job
+        self.on_change = on_change or (lambda job_ids=None: None)
         self.paths = dict(cfg.models)
         self.preview_maps: dict = {}  # model name -> PreviewMap, made at the first job of that model
         self._upsampler = None
@@ -607,7 +608,7 @@ class Worker:
                         self._cancel(token, job_id, open_jobs)
                         log.info("cancelled", extra={"event": "cancelled", "job": job_id})
                     rows = [r for r in rows if r.job.id in open_jobs]
-                    self.on_change()
+                    self.on_change(list(progress))
                 # -- live thumbnails from the x0 estimate (first step of a job always, else <= 4/s). Only the
                 # estimate is queued here (GPU, async); its copy to the CPU, the PNG and the store write run on
                 # the preview thread: done inline they would wait for this step's kernels and leave the GPU
@@ -676,7 +677,7 @@ class Worker:
                     self.store.add_preview(job_id, token, LIVE_PREVIEW, encode_image(thumb, "png"))
                 except Exception:
                     log.warning("a live preview failed", exc_info=True, extra={"event": "preview_error"})
-        self.on_change()
+        self.on_change(job_ids)
 
     @torch.no_grad()
     def _finish_row(self, token: str, sh: _Shape, row: _Row, step_done) -> None:
@@ -711,12 +712,13 @@ class Worker:
             log.error("finishing a row failed: %s", traceback.format_exc(), extra={"event": "finish_error"})
             self._fail(token, row.job, e, {})
         finally:
-            self.on_change()
+            self.on_change([row.job.id])
 
     def _cancel(self, token: str, job_id: str, open_jobs: dict) -> None:
         open_jobs.pop(job_id, None)
         if self.store.finish(job_id, token, st.CANCELLED, error="cancelled"):
             self.metrics.images.labels(st.CANCELLED).inc()
+            self.on_change([job_id])
 
     def _fail(self, token: str, job: st.Job, e: Exception, open_jobs: dict) -> None:
         open_jobs.pop(job.id, None)
@@ -729,6 +731,7 @@ class Worker:
             log.error("job failed: %s", "".join(traceback.format_exception(e)), extra={"event": "job_error"})
         if self.store.finish(job.id, token, st.ERROR, error=msg):
             self.metrics.images.labels(st.ERROR).inc()
+            self.on_change([job.id])
 
     def _deliver(
         self,
@@ -778,7 +781,7 @@ class Worker:
             status = st.READY
         if ok:
             self.metrics.images.labels(status).inc()
-            self.on_change()
+            self.on_change([job.id])
         log.info(
             "job finished",
             extra={
@@ -841,7 +844,7 @@ class Worker:
                 self.store.finish(job_id, token, st.CANCELLED, error="cancelled")
                 active.discard(job_id)
                 log.info("cancelled", extra={"event": "cancelled", "job": job_id, "step": step})
-            self.on_change()
+            self.on_change([j.id for j in batch])
             if not active:
                 raise Cancelled
 
@@ -863,14 +866,14 @@ class Worker:
                     if live[i] and job.id in active:
                         thumb = pmap.image(tokens, h, w, index=i, scale=4)
                         self.store.add_preview(job.id, token, LIVE_PREVIEW, encode_image(thumb, "png"))
-                self.on_change()
+                self.on_change([j.id for j in batch])
             for i, k in want.items():  # OpenAI partial_images: full decodes at k evenly spaced steps
                 marks = [max(1, round(total * (n + 1) / (k + 1))) for n in range(k)]
                 if k and step in marks and step < total and batch[i].id in active:
                     pixels = decode(models, tokens[i : i + 1], h, w)
                     im = pixels_to_pil(pixels)[0]
                     self.store.add_preview(batch[i].id, token, marks.index(step), encode_image(im, "png"))
-                    self.on_change()
+                    self.on_change([batch[i].id])
 
         loras = p0.get("loras") or []
         names = []

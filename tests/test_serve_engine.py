@@ -294,3 +294,31 @@ def test_freed_rows_are_refilled_at_once_with_a_slow_text_encoder(tmp_path, mode
     single = reg.get_sample_value("fluxion_step_rows_bucket", {"le": "1.0"})
     assert reg.get_sample_value("fluxion_step_rows_sum") == 4 * STEPS  # every job's steps, once
     assert (forwards, single) == (2 * STEPS + 1, 2)
+
+
+def test_an_idle_worker_claims_a_job_queued_in_process_at_once(tmp_path, models):
+    """With a 30 s poll, a job queued through the in-process API (the default `fluxion serve`) still starts at
+    once: the API pokes the worker. Without the poke it would wait for the next poll."""
+    from fastapi.testclient import TestClient
+
+    from fluxion.serve.app import create_app
+
+    cfg = ServeConfig(db=f"sqlite:///{tmp_path}/jobs.db", watermark=False, poll_s=30.0, auth="off")
+    with TestClient(create_app(cfg, models={"fluxion-tiny": models})) as client:
+        deadline = time.time() + 60
+        while not client.get("/readyz").status_code == 200 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the worker is now idle in its 30 s wait
+        t0 = time.time()
+        r = client.post(
+            "/v1/fluxion-tiny", json={"prompt": "a red heart", "width": 64, "height": 64, "steps": 2}
+        )
+        assert r.status_code == 200, r.text
+        job_id = r.json()["id"]
+        while time.time() < t0 + 20:
+            body = client.get("/v1/get_result", params={"id": job_id}).json()
+            if body["status"] != "Pending":
+                break
+            time.sleep(0.05)
+        assert body["status"] == "Ready", body
+        assert time.time() - t0 < 15  # far below the 30 s poll

@@ -344,12 +344,15 @@ class Service:
                     402, f"insufficient credits: this request costs {need:g}, {left:g} left on the key"
                 )
         try:
-            return self.store.submit(
+            ids = self.store.submit(
                 specs,
                 key_id=key_id,
                 key_limit=self.cfg.key_limit if key_id else None,
                 queue_cap=self.cfg.queue_cap,
             )
+            if self.worker is not None:  # the in-process worker claims now, not at its next poll
+                self.worker.poke()
+            return ids
         except st.LimitExceeded as e:
             if e.which == "key":
                 raise ApiError(
@@ -471,6 +474,8 @@ def create_app(cfg: ServeConfig, store: st.Store | None = None, models: dict | N
         )
         yield
         stop.set()
+        if svc.worker is not None:
+            svc.worker.poke()  # out of an idle wait at once
 
     app = FastAPI(
         title="fluxion serve",

@@ -251,7 +251,7 @@ def run_worker(cfg: ServeConfig) -> int:
     worker = Worker(cfg, store, load_served(cfg, served), build_moderator(cfg.blocklist, cfg.nsfw), metrics)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())  # finish the current batch, then exit
+        signal.signal(sig, lambda *_: (stop.set(), worker.poke()))  # finish the current batch, then exit
     logging.getLogger("fluxion.serve").info("worker ready", extra={"event": "start", "worker": worker.id})
     worker.run(stop)
     return 0

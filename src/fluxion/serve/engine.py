@@ -279,6 +279,9 @@ class Worker:
         )
         self.id = cfg.worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.alive = False
+        # set by an API in this process when it queued work (poke): an idle worker claims at once instead of at
+        # its next poll; submissions from other processes still arrive by polling (poll_s)
+        self.work = threading.Event()
         # wakes in-process waiters (SSE, OpenAI) after a write: on_change(job_ids), None for any job
         self.on_change = on_change or (lambda job_ids=None: None)
         self.paths = dict(cfg.models)
@@ -314,6 +317,10 @@ class Worker:
             data = sign_c2pa(data, MEDIA_TYPES[fmt], self.signer, params, edited)
         return data
 
+    def poke(self) -> None:
+        """Work was queued (or the worker should stop): end an idle wait now."""
+        self.work.set()
+
     def run(self, stop: threading.Event) -> None:
         self.alive = True
         last_reap = 0.0
@@ -331,6 +338,7 @@ class Worker:
                             "requeued %d jobs of stopped workers", n, extra={"event": "reap", "count": n}
                         )
                     last_reap = now
+                self.work.clear()  # before the claim: a submit after it sets the event, so no wake is lost
                 try:
                     token, batch = self.store.claim(
                         self.id, list(self.models), self.cfg.max_batch, self.cfg.lease_s
@@ -340,7 +348,7 @@ class Worker:
                     stop.wait(1.0)
                     continue
                 if not batch:
-                    stop.wait(self.cfg.poll_s)
+                    self.work.wait(self.cfg.poll_s)
                     continue
                 self.run_batch(token, batch, stop)
         finally:

@@ -303,6 +303,12 @@ def test_a_worker_pool_writes_the_same_manifest(planted, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "out" / "_work" / "log.jsonl").read_text().splitlines()]
     writers = {e["pid"] for e in log if e["phase"] == "map"}
     assert len(writers) == 2 and os.getpid() not in writers, "two worker processes wrote the parts"
+    shard_writers = {e["pid"] for e in log if e["phase"] == "write"}
+    assert len(shard_writers) == 2 and os.getpid() not in shard_writers, "two processes wrote the shards"
+    tars = sorted(p.name for p in (root / "out").glob("*.tar"))
+    assert tars and tars == sorted(p.name for p in (tmp_path / "out").glob("*.tar"))
+    for name in tars:  # the shards themselves: byte for byte the in-process run's
+        assert (root / "out" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
 
 
 def _alive(pid: int) -> bool:

@@ -504,7 +504,7 @@ def run(cfg: CurateConfig, log=print) -> dict:
             log(f"shard {shard}: {kept}/{total} kept")
     map_seconds = time.perf_counter() - start
     decisions = run_dedup(cfg, work, plan.num_shards)
-    write_outputs(cfg, out, plan.num_shards, decisions, types)
+    write_outputs(cfg, out, plan, decisions, types)
     pre = None
     if cfg.precompute:
         from fluxion.curate.precompute import precompute
@@ -563,29 +563,65 @@ def _num(v) -> float:
     return 0.0 if v is None or v != v else float(v)
 
 
-def write_outputs(cfg: CurateConfig, out: Path, num_shards: int, decisions: dict, types: dict) -> None:
+def write_outputs(cfg: CurateConfig, out: Path, plan: Plan, decisions: dict, types: dict) -> None:
+    """Phase 4 for every shard not written yet: in this process, or spread over `workers` processes (local
+    executor; Ray: `num_cpus`), each shard whole and independent of the others, given the dedup decisions."""
+    work = out / WORK
+    todo = [s for s in range(plan.num_shards) if not (work / f"manifest-{s:05d}.parquet").is_file()]
+    n = min(cfg.workers if cfg.executor == "local" else cfg.num_cpus, len(todo))
+    if n <= 1:
+        for s in todo:
+            write_shard(out, s, decisions, types)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    shard_of = {it["key"]: it["shard"] for it in plan.items}
+    by_shard: dict[int, dict] = {}
+    for key, d in decisions.items():  # each task gets only its own shard's decisions
+        by_shard.setdefault(shard_of[key], {})[key] = d
+    pool = ProcessPoolExecutor(
+        n,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    )
+    try:
+        futures = [pool.submit(write_shard, out, s, by_shard.get(s, {}), types) for s in todo]
+        for f in as_completed(futures):
+            try:
+                f.result()
+            except BrokenProcessPool:
+                raise RuntimeError(
+                    "a curate writer process died (killed, or out of memory?); the shards it wrote are kept: "
+                    "run again to resume"
+                ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_shard(out: Path, s: int, decisions: dict, types: dict) -> None:
+    """One shard's `NNNNN.tar` (the kept rows) and then its manifest part (every row), each atomically: the part
+    marks the shard done."""
     import pyarrow.parquet as pq
 
     work = out / WORK
-    for s in range(num_shards):
-        manifest_part = work / f"manifest-{s:05d}.parquet"
-        if manifest_part.is_file():
-            continue
-        rows = pq.read_table(_part(work, s)).to_pylist()
-        for r in rows:
-            r["duplicate_of"] = ""
-            if r["key"] in decisions and not r["dropped_by"]:
-                r["duplicate_of"], r["reason"] = decisions[r["key"]]
-                r["dropped_by"] = "dedup"
-            r["kept"] = not r["dropped_by"]
-            r["shard"] = f"{s:05d}.tar"
-        write_webdataset(out / f"{s:05d}.tar", (_shard_record(r) for r in rows if r["kept"]))
-        for r in rows:
-            del r["image"], r["thumb"]
-        names = {k: v for k, v in types.items() if k not in ("image", "thumb", "shard")}
-        table = to_table(rows, {**names, "shard": "string", "duplicate_of": "string", "kept": "bool"})
-        write_table_atomic(table, manifest_part)
-        _log(work, {"phase": "write", "shard": s})
+    rows = pq.read_table(_part(work, s)).to_pylist()
+    for r in rows:
+        r["duplicate_of"] = ""
+        if r["key"] in decisions and not r["dropped_by"]:
+            r["duplicate_of"], r["reason"] = decisions[r["key"]]
+            r["dropped_by"] = "dedup"
+        r["kept"] = not r["dropped_by"]
+        r["shard"] = f"{s:05d}.tar"
+    write_webdataset(out / f"{s:05d}.tar", (_shard_record(r) for r in rows if r["kept"]))
+    for r in rows:
+        del r["image"], r["thumb"]
+    names = {k: v for k, v in types.items() if k not in ("image", "thumb", "shard")}
+    table = to_table(rows, {**names, "shard": "string", "duplicate_of": "string", "kept": "bool"})
+    write_table_atomic(table, work / f"manifest-{s:05d}.parquet")
+    _log(work, {"phase": "write", "shard": s})
 
 
 def _shard_record(row: dict) -> Record:

@@ -89,6 +89,7 @@ class Running:
 
     def close(self):
         self.stop.set()
+        self.worker.poke()  # out of an idle wait (poll_s may be long)
         self.thread.join(60)
 
     def image(self, job_id) -> np.ndarray:
@@ -322,3 +323,39 @@ def test_an_idle_worker_claims_a_job_queued_in_process_at_once(tmp_path, models)
             time.sleep(0.05)
         assert body["status"] == "Ready", body
         assert time.time() - t0 < 15  # far below the 30 s poll
+
+
+def test_the_queue_is_asked_when_poked_not_every_step(tmp_path, models):
+    """A running batch asks the store for more jobs after a poke (a submit in this process) or poll_s after the
+    queue was last found empty, not in a write transaction every step: with a 30 s poll, B (submitted and poked
+    at A's first step) still joins A's batch, and the store is asked a handful of times over 2 x STEPS steps."""
+    ids = {}
+
+    def hook():
+        if "b" not in ids and "a" in ids and run.store.get(ids["a"]).progress > 0:
+            [ids["b"]] = run.store.submit([job_spec("a blue square", 22)], key_id=None)
+            run.worker.poke()  # what the in-process API does after a submit
+
+    run = Running(tmp_path, models, hook, poll_s=30.0)
+    asked = []
+    claim_more = run.store.claim_more
+
+    def counting(*a, **k):
+        got = claim_more(*a, **k)
+        asked.append(len(got))
+        return got
+
+    run.store.claim_more = counting
+    [ids["a"]] = run.store.submit([job_spec("a red heart", 11)], key_id=None)
+    run.start()
+    try:
+        deadline = time.time() + 60
+        while "b" not in ids and time.time() < deadline:
+            time.sleep(0.01)
+        jobs = run.wait([ids["a"], ids["b"]])
+    finally:
+        run.close()
+    a, b = jobs[ids["a"]], jobs[ids["b"]]
+    assert a.status == b.status == st.READY and a.claim == b.claim  # B joined A's running batch
+    assert run.metrics.registry.get_sample_value("fluxion_admitted_total") == 1
+    assert 1 in asked and len(asked) <= 3, asked  # every step would ask about 2 * STEPS times

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import socket
 import threading
@@ -547,6 +548,7 @@ class Worker:
             previews_out: list[Future] = []  # live thumbnails queued on the preview thread
             last_beat = last_live = 0.0
             t_step, last_step_s = time.perf_counter(), 0.0
+            queue_empty_at = -math.inf  # when a claim last left rows free (perf_counter seconds)
             while rows or ready or pending:
                 # -- adopt prepared rows: with nothing to denoise, wait for the first; with a free row, wait a
                 # little for the prompts being encoded (the last step still runs on CUDA) rather than run a step
@@ -646,11 +648,16 @@ class Worker:
                 # -- admission at the step boundary: queued jobs of this key take free rows; rows finishing in
                 # the next two steps count as free, so those jobs' prompts are encoded while the steps run (one
                 # step can be shorter than a text encode that shares the GPU with it)
+                # The queue is asked only when it may hold more: after a poke (a submit in this process), after
+                # a claim that filled every free row, or poll_s after it was last found empty (submissions from
+                # other processes) -- not in a write transaction every step.
                 if not stop.is_set():
                     room = max_batch - len(rows) - len(ready) - sum(len(jobs) for jobs, _ in pending)
                     room += sum(r.step >= steps - 2 for r in rows)
-                    if room > 0:
+                    if room > 0 and (self.work.is_set() or now - queue_empty_at >= self.cfg.poll_s):
+                        self.work.clear()  # before the claim: a submit during it pokes again
                         more = self.store.claim_more(token, self.id, [sh.model], room, self.cfg.lease_s)
+                        queue_empty_at = now if len(more) < room else -math.inf
                         if more:
                             log.info(
                                 "admitted",

@@ -312,6 +312,10 @@ def engine_stats(url: str) -> dict:
         "forwards": vals.get("fluxion_step_rows_count", 0.0),
         "rows": vals.get("fluxion_step_rows_sum", 0.0),
         "step_s": vals.get("fluxion_step_seconds_sum", 0.0),
+        "start_wait_s": vals.get("fluxion_start_wait_seconds_sum", 0.0),
+        "started": vals.get("fluxion_start_wait_seconds_count", 0.0),
+        "finish_s": vals.get("fluxion_finish_seconds_sum", 0.0),
+        "finished": vals.get("fluxion_finish_seconds_count", 0.0),
     }
 
 
@@ -323,6 +327,10 @@ def stats_delta(before: dict, after: dict) -> dict:
         "batching_used": d["rows"] > d["forwards"],  # some forward denoised more than one job
         "mean_rows_per_forward": round(d["rows"] / d["forwards"], 3) if d["forwards"] else None,
         "denoise_s": round(d["step_s"], 3),
+        # inside the worker, per job: claim -> first step (prompt encoding + waiting for a free row), and the
+        # finished row's decode + moderation + image encode + store (continuous-batching rows only)
+        "mean_start_wait_s": round(d["start_wait_s"] / d["started"], 4) if d["started"] else None,
+        "mean_finish_s": round(d["finish_s"] / d["finished"], 4) if d["finished"] else None,
     }
 
 

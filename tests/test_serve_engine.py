@@ -295,6 +295,10 @@ def test_freed_rows_are_refilled_at_once_with_a_slow_text_encoder(tmp_path, mode
     single = reg.get_sample_value("fluxion_step_rows_bucket", {"le": "1.0"})
     assert reg.get_sample_value("fluxion_step_rows_sum") == 4 * STEPS  # every job's steps, once
     assert (forwards, single) == (2 * STEPS + 1, 2)
+    # claim -> first step and the finishing of each row, as /metrics shows them: every job, its 0.4 s encode in
+    assert reg.get_sample_value("fluxion_start_wait_seconds_count") == 4
+    assert reg.get_sample_value("fluxion_start_wait_seconds_sum") >= 4 * 0.4
+    assert reg.get_sample_value("fluxion_finish_seconds_count") == 4
 
 
 def test_an_idle_worker_claims_a_job_queued_in_process_at_once(tmp_path, models):

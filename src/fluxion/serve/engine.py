@@ -156,6 +156,18 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32),
             registry=self.registry,
         )
+        self.start_wait = Histogram(
+            "fluxion_start_wait_seconds",
+            "from a job's claim to its first denoising step: its prompt encoding and the wait for a free row",
+            buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.finish_seconds = Histogram(
+            "fluxion_finish_seconds",
+            "a finished row's decode, moderation, image encode and store (off the denoise loop when overlapped)",
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=self.registry,
+        )
         self.admitted = Counter(
             "fluxion_admitted",
             "jobs that joined a batch already denoising, at a step boundary (continuous batching)",
@@ -507,9 +519,12 @@ class Worker:
         ready: list[_Row] = []  # encoded, waiting for a free row
         rows: list[_Row] = []  # denoising
 
+        admitted_at: dict[str, float] = {}  # job id -> perf_counter at its claim, until its first step
+
         def admit(jobs: list[st.Job]) -> None:
             for j in jobs:
                 open_jobs[j.id] = j
+                admitted_at[j.id] = time.perf_counter()
                 if j.cancel:
                     self._cancel(token, j.id, open_jobs)
             jobs = [j for j in jobs if j.id in open_jobs]
@@ -590,6 +605,8 @@ class Worker:
                 for i, r in enumerate(rows):
                     r.prev, r.x = r.x, x[i : i + 1]
                     r.step += 1
+                    if r.step == 1 and r.job.id in admitted_at:  # first step queued now: claim -> start
+                        self.metrics.start_wait.observe(time.perf_counter() - admitted_at.pop(r.job.id))
                 step_done = None
                 if cuda:
                     step_done = torch.cuda.Event()
@@ -701,6 +718,7 @@ class Worker:
         from fluxion.images import pixels_to_pil
         from fluxion.sampling.pipeline import decode
 
+        t0 = time.perf_counter()
         try:
             tokens = row.x
             with self.overlap.on_side_stream():
@@ -727,6 +745,7 @@ class Worker:
             log.error("finishing a row failed: %s", traceback.format_exc(), extra={"event": "finish_error"})
             self._fail(token, row.job, e, {})
         finally:
+            self.metrics.finish_seconds.observe(time.perf_counter() - t0)
             self.on_change([row.job.id])
 
     def _cancel(self, token: str, job_id: str, open_jobs: dict) -> None:

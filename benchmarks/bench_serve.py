@@ -441,8 +441,7 @@ def gpu(args, report: Report) -> None:
             return s.getsockname()[1]
 
     def server_rows(precision: str, variants, sizes=sizes) -> None:
-        for label, batch, overlap, watermark, levels, *rest in variants:
-            previews = rest[0] if rest else True
+        for label, batch, overlap, watermark, levels, previews in variants:
             if time.time() > deadline:
                 print(f"budget spent: skipping {precision} {label}")
                 continue
@@ -490,8 +489,9 @@ def gpu(args, report: Report) -> None:
                 srv.stop()
 
     levels = (1, 8) if args.smoke else (1, 8, 32)
-    server = [(f"server (continuous batching, max batch {mb})", mb, not args.no_overlap, False, levels)]
-    naive = [("naive server (batch 1, one request at a time)", 1, False, False, levels)]
+    # (label, max batch, overlap, watermark, concurrency levels, live previews)
+    server = [(f"server (continuous batching, max batch {mb})", mb, not args.no_overlap, False, levels, True)]
+    naive = [("naive server (batch 1, one request at a time)", 1, False, False, levels, True)]
     # what the live thumbnails cost the server (c > 1)
     off = [(f"server (max batch {mb}), live previews off", mb, not args.no_overlap, False, levels[1:], False)]
     precisions = args.precisions.split(",")
@@ -515,7 +515,7 @@ def gpu(args, report: Report) -> None:
         apply(models.transformer, AccelOptions(attention=fast, fp8=True, **compiled))
     library_rows(models, sizes, steps, (1, mb), "fp8", report, refs, deadline, args.smoke)
     server_rows("fp8", server + (off if args.previews_off else []) + naive)
-    wm = [(f"server (max batch {mb}) + watermark", mb, not args.no_overlap, True, (8,))]
+    wm = [(f"server (max batch {mb}) + watermark", mb, not args.no_overlap, True, (8,), True)]
     server_rows("fp8", wm, sizes=sizes[-1:])
 
 
@@ -637,7 +637,9 @@ def main() -> None:
     )
     ap.add_argument("--no-diffusers", action="store_true", help="GPU: skip the diffusers loop")
     ap.add_argument(
-        "--previews-off", action="store_true", help="GPU: also the bf16 server without live previews (c>1)"
+        "--previews-off",
+        action="store_true",
+        help="GPU: also the server without live previews (c>1), each precision",
     )
     ap.add_argument("--budget-s", type=float, default=330, help="GPU: start no new row after this (s)")
     ap.add_argument(

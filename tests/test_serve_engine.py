@@ -87,6 +87,18 @@ class Running:
             time.sleep(0.02)
         raise TimeoutError({j.id: j.status for j in self.store.get_many(ids).values()})
 
+    def until_done(self, ids: dict[str, str], names: str) -> dict[str, st.Job]:
+        """Start, wait until a hook has submitted the last of `names` (keys of `ids`), wait for all of them to
+        end, stop; their jobs by id."""
+        self.start()
+        try:
+            deadline = time.time() + 60
+            while names[-1] not in ids and time.time() < deadline:
+                time.sleep(0.01)
+            return self.wait([ids[k] for k in names])
+        finally:
+            self.close()
+
     def close(self):
         self.stop.set()
         self.worker.poke()  # out of an idle wait (poll_s may be long)
@@ -153,14 +165,7 @@ def test_job_admitted_mid_flight_equals_solo_runs(tmp_path, models):
 
     run = Running(tmp_path, models, hook)
     [ids["a"]] = run.store.submit([job_spec(*A)], key_id=None)
-    run.start()
-    try:
-        deadline = time.time() + 60
-        while "b" not in ids and time.time() < deadline:
-            time.sleep(0.01)
-        jobs = run.wait([ids["a"], ids["b"]])
-    finally:
-        run.close()
+    jobs = run.until_done(ids, "ab")
     a, b = jobs[ids["a"]], jobs[ids["b"]]
     assert a.status == b.status == st.READY, (a.error, b.error)
     assert a.claim == b.claim and a.started_at < b.started_at < a.finished_at <= b.finished_at  # joined A
@@ -281,14 +286,7 @@ def test_freed_rows_are_refilled_at_once_with_a_slow_text_encoder(tmp_path, mode
 
     run.worker._prepare = slow_prepare
     [ids["a"]] = run.store.submit([job_spec("a yellow star", 0)], key_id=None)
-    run.start()
-    try:
-        deadline = time.time() + 60
-        while "d" not in ids and time.time() < deadline:
-            time.sleep(0.01)
-        jobs = run.wait([ids[k] for k in "abcd"])
-    finally:
-        run.close()
+    jobs = run.until_done(ids, "abcd")
     assert all(j.status == st.READY for j in jobs.values()), [j.error for j in jobs.values()]
     reg = run.metrics.registry
     forwards = reg.get_sample_value("fluxion_step_rows_count")
@@ -351,14 +349,7 @@ def test_the_queue_is_asked_when_poked_not_every_step(tmp_path, models):
 
     run.store.claim_more = counting
     [ids["a"]] = run.store.submit([job_spec("a red heart", 11)], key_id=None)
-    run.start()
-    try:
-        deadline = time.time() + 60
-        while "b" not in ids and time.time() < deadline:
-            time.sleep(0.01)
-        jobs = run.wait([ids["a"], ids["b"]])
-    finally:
-        run.close()
+    jobs = run.until_done(ids, "ab")
     a, b = jobs[ids["a"]], jobs[ids["b"]]
     assert a.status == b.status == st.READY and a.claim == b.claim  # B joined A's running batch
     assert run.metrics.registry.get_sample_value("fluxion_admitted_total") == 1

@@ -314,8 +314,7 @@ class LocalExecutor:
         yield from self._pool(items_by_shard)
 
     def _pool(self, items_by_shard: dict[int, list[dict]]) -> Iterator[tuple[int, int, int]]:
-        import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        from concurrent.futures import FIRST_COMPLETED, wait
         from concurrent.futures.process import BrokenProcessPool
 
         workers = min(self.cfg.workers, len(items_by_shard))
@@ -326,12 +325,8 @@ class LocalExecutor:
         saved = {v: os.environ.get(v) for v in _THREAD_VARS}
         for v in _THREAD_VARS:
             os.environ.setdefault(v, threads)
-        # "spawn": a fresh interpreter per worker (forking a process that holds Arrow's or torch's threads can hang).
-        pool = ProcessPoolExecutor(
-            workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(self.stages, self.cfg.batch_size, str(self.work), self.types, self.run_id),
+        pool = _spawn_pool(
+            workers, _worker_init, (self.stages, self.cfg.batch_size, str(self.work), self.types, self.run_id)
         )
         try:
             try:  # workers start as tasks are submitted
@@ -357,6 +352,19 @@ class LocalExecutor:
 
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _spawn_pool(workers: int, initializer, initargs: tuple):
+    """A process pool of fresh interpreters ("spawn": forking a process that holds Arrow's or torch's threads can
+    hang); the initializer calls `_die_with_parent` first, so a killed run leaves no process writing."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer, initargs=initargs
+    )
+
+
 _WORKER: dict = {}  # in a pool worker: its stages and where to write
 
 
@@ -573,20 +581,14 @@ def write_outputs(cfg: CurateConfig, out: Path, plan: Plan, decisions: dict, typ
         for s in todo:
             write_shard(out, s, decisions, types)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
     from concurrent.futures.process import BrokenProcessPool
 
     shard_of = {it["key"]: it["shard"] for it in plan.items}
     by_shard: dict[int, dict] = {}
     for key, d in decisions.items():  # each task gets only its own shard's decisions
         by_shard.setdefault(shard_of[key], {})[key] = d
-    pool = ProcessPoolExecutor(
-        n,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_die_with_parent,
-        initargs=(os.getpid(),),
-    )
+    pool = _spawn_pool(n, _die_with_parent, (os.getpid(),))
     try:
         futures = [pool.submit(write_shard, out, s, by_shard.get(s, {}), types) for s in todo]
         for f in as_completed(futures):

@@ -151,8 +151,6 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
     ):
         if v < 1:
             raise ValueError(f"{flag} must be at least 1, got {v}")
-    if not 0 <= a.admit_wait <= 100:
-        raise ValueError(f"--admit-wait is a fraction of a step in [0, 100], got {a.admit_wait}")
     if not a.max_mp > 0 or not a.lease > 0:
         raise ValueError("--max-mp and --lease must be positive")
     if bool(a.c2pa_cert) != bool(a.c2pa_key):

@@ -66,7 +66,9 @@ class ServeConfig:
 
     def __post_init__(self):
         if not 0 <= self.admit_wait <= 100:
-            raise ValueError(f"admit_wait is a fraction of a step in [0, 100], got {self.admit_wait}")
+            raise ValueError(
+                f"admit_wait (--admit-wait) is a fraction of a step in [0, 100], got {self.admit_wait}"
+            )
 
     @property
     def base_url(self) -> str:

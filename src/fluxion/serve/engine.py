@@ -642,8 +642,8 @@ class Worker:
                 # idle while the CPU encodes. A backlog (slow store) drops the non-first thumbnails.
                 if self.cfg.live_previews and rows:
                     due = now - last_live >= 0.25
-                    busy = sum(not f.done() for f in previews_out)  # steps whose thumbnails wait to be stored
-                    shown = [r for r in rows if r.step == 1 or (due and busy < 2)]
+                    previews_out = [f for f in previews_out if not f.done()]  # steps not stored yet
+                    shown = [r for r in rows if r.step == 1 or (due and len(previews_out) < 2)]
                     ests = [
                         denoised_estimate(r.prev, r.x, sh.timesteps[r.step - 1], sh.timesteps[r.step])
                         for r in shown
@@ -659,15 +659,13 @@ class Worker:
                                 self._live_previews, token, shown_ids, pmap, sh, ests, est_done
                             )
                         )
-                    previews_out = [f for f in previews_out if not f.done()]
                     if due:
                         last_live = now
                 # -- admission at the step boundary: queued jobs of this key take free rows; rows finishing in
                 # the next two steps count as free, so those jobs' prompts are encoded while the steps run (one
-                # step can be shorter than a text encode that shares the GPU with it)
-                # The queue is asked only when it may hold more: after a poke (a submit in this process), after
-                # a claim that filled every free row, or poll_s after it was last found empty (submissions from
-                # other processes) -- not in a write transaction every step.
+                # step can be shorter than a text encode that shares the GPU with it). The queue is asked only
+                # when it may hold more: after a poke (a submit in this process), after a claim that filled every
+                # free row, or poll_s after it was last found empty (submissions from other processes).
                 if not stop.is_set():
                     room = max_batch - len(rows) - len(ready) - sum(len(jobs) for jobs, _ in pending)
                     room += sum(r.step >= steps - 2 for r in rows)

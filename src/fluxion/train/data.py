@@ -201,11 +201,12 @@ class TarShards:
         self.spans: list[tuple[int, int] | None] = []
         for k, shard in enumerate(self.shards):
             try:
-                with tarfile.open(shard, "r:"):
-                    plain = True
-            except tarfile.ReadError:
-                plain = False  # gzip / bz2 / xz inside a .tar name: tarfile still reads it, without seeking
-            with tarfile.open(shard) as tar:
+                tar, plain = tarfile.open(shard, "r:"), True
+            except (
+                tarfile.ReadError
+            ):  # gzip / bz2 / xz inside a .tar name: tarfile still reads it, without seeking
+                tar, plain = tarfile.open(shard), False
+            with tar:
                 members = {m.name: m for m in tar.getmembers() if m.isfile()}
                 for name, member in members.items():
                     stem, suffix = name.rsplit(".", 1) if "." in name else (name, "")

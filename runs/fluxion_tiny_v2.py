@@ -147,7 +147,7 @@ def run_stage(stage: str, args, work: Path, report: dict) -> None:
             return
         model = export_of(work, "finetune")
         argv = ["--data", str(data / "128x128"), "--out", str(work / "pairs"), "--model", str(model),
-                "--preset", "fluxion-tiny", "--vae", vae, "--prompts", str(args.pairs_prompts),
+                "--preset", "fluxion-tiny-base", "--vae", vae, "--prompts", str(args.pairs_prompts),
                 "--candidates", "4", "--min-gap", "0.1"]  # fmt: skip
         if text:
             argv += ["--text", text]
@@ -190,23 +190,46 @@ def run_stage(stage: str, args, work: Path, report: dict) -> None:
     report.setdefault("seconds", {})[stage] = round(time.time() - t0, 1)
 
 
+# What each shipped model is sampled with is read from this metadata key (fluxion.weights.models: the switch
+# between v1 and v2, and tiny-shaped files); the transformers are otherwise alike.
+GUIDANCE = {"fluxion-tiny": "distilled", "fluxion-tiny-base": "cfg"}
+SHIPPED_FILES = (
+    "vae.safetensors",
+    "preview.json",
+    "LICENSE",
+    "README.md",
+)  # fluxion-tiny's, kept as they are
+
+
 def package(work: Path, assets: Path, teacher_stage: str = "dpo") -> None:
     """assets/fluxion-tiny: the distilled student; assets/fluxion-tiny-base: its CFG teacher (`teacher_stage`).
-    Transformer in bf16, character encoder in bf16, the autoencoder unchanged."""
+    Transformer and character encoder in bf16, with metadata {"model", "dtype", "guidance_mode"}. The base has
+    no autoencoder of its own (it uses fluxion-tiny's: 8 MB not twice in git); fluxion-tiny's autoencoder, preview
+    map, licence and README are copied from the package when `assets` is another folder (e.g. to try the weights
+    with FLUXION_ASSETS before committing them). Each file is written beside its place and then renamed."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    shipped = Path(shipped_vae()).parent
     for name, stage in (("fluxion-tiny", "distill"), ("fluxion-tiny-base", teacher_stage)):
         dest = assets / name
         dest.mkdir(parents=True, exist_ok=True)
         for file in ("transformer.safetensors", "charenc.safetensors"):
             sd = load_file(str(work / stage / file))
-            meta = {"model": name, "dtype": "bfloat16"} | (
-                {"heads": "4"} if file.startswith("charenc") else {}
+            with safe_open(str(work / stage / file), "pt") as f:
+                heads = (f.metadata() or {}).get("heads", "4")  # the character encoder's (text/charenc.py)
+            meta = {"model": name, "dtype": "bfloat16", "guidance_mode": GUIDANCE[name]} | (
+                {"heads": heads} if file.startswith("charenc") else {}
             )
-            save_file(
-                {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(dest / file), metadata=meta
-            )
-        shutil.copy(shipped_vae(), dest / "vae.safetensors")
+            tmp = dest / f".{file}.part"
+            save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
+            os.replace(tmp, dest / file)
+        if name == "fluxion-tiny" and dest.resolve() != shipped.resolve():
+            for file in SHIPPED_FILES:
+                if (shipped / file).is_file():
+                    shutil.copy(shipped / file, dest / f".{file}.part")
+                    os.replace(dest / f".{file}.part", dest / file)
+    (assets / "fluxion-tiny-base" / "vae.safetensors").unlink(missing_ok=True)  # an older package()'s copy
 
 
 def main() -> None:

@@ -404,12 +404,14 @@ def load(args: argparse.Namespace, loras: list[tuple[str, float]] = ()):
 def preflight(args: argparse.Namespace) -> None:
     """The model options checked before loading: device, threads, fast-path combination, embedded-model
     conflicts. Stores the resolved device and accel options on `args`."""
-    embedded = args.model in (None, "fluxion-tiny")
-    if embedded:
+    from fluxion.weights.models import is_embedded
+
+    if is_embedded(args.model):
+        name = args.model or "fluxion-tiny"
         for flag, value in (("--vae", args.vae), ("--preset", args.preset)):
-            if value is not None and not (flag == "--preset" and value == "fluxion-tiny"):
+            if value is not None and not (flag == "--preset" and value == name):
                 raise ValueError(
-                    f"{flag} applies to a --model checkpoint; the embedded fluxion-tiny brings its own "
+                    f"{flag} applies to a --model checkpoint; the embedded {name} brings its own "
                     f"(drop {flag}, or pass --model)"
                 )
     args.device = resolve_device(args.device)
@@ -730,19 +732,13 @@ def train_lora_main(args: argparse.Namespace) -> int:
     """A LoRA on a folder of captioned images (image.png + image.txt), starting from a model's weights."""
     from fluxion.train.train import TrainConfig
     from fluxion.train.train import main as train
-    from fluxion.weights.models import embedded_model_dir, resolve_preset
+    from fluxion.weights.models import embedded_files, is_embedded, resolve_preset
 
     check_lora_run(Path(args.out), args.lora_rank)
-    if args.model in (None, "fluxion-tiny"):
-        folder = embedded_model_dir()
-        if folder is None:
-            raise FileNotFoundError("this fluxion build has no embedded model; pass --model")
-        preset, init, vae, text = (
-            "fluxion-tiny",
-            str(folder / "transformer.safetensors"),
-            str(folder / "vae.safetensors"),
-            args.text,
-        )
+    if is_embedded(args.model):
+        preset = args.model or "fluxion-tiny"
+        init, vae = map(str, embedded_files(preset))
+        text = args.text
     else:
         model = Path(args.model)
         preset = resolve_preset(model, args.preset).name
@@ -871,7 +867,8 @@ def model_options() -> list[Option]:
     return [
         opt(
             "--model",
-            help="diffusers model folder, BFL transformer .safetensors, or fluxion-tiny (default: embedded)",
+            help="diffusers model folder, BFL transformer .safetensors, or an embedded model: fluxion-tiny "
+            "(the default) or fluxion-tiny-base (its CFG teacher, where this build ships it)",
         ),
         opt("--preset", help="the model variant, when the files cannot tell (e.g. flux2-klein-base-4b)"),
         opt(

@@ -309,16 +309,24 @@ PRESETS["fluxion-tiny"] = ModelSpec(
 
 # fluxion-tiny v2 (runs/fluxion_tiny_v2.py) ships two models, as BFL ships FLUX.2 [klein] and [klein base]:
 # `fluxion-tiny`, the 4-step guidance-distilled student (one forward per step), and `fluxion-tiny-base`, its
-# 20-step true-CFG teacher (what `fluxion-tiny` is today). Both have the same architecture, so a bare weights
-# file fits both by shape: they are registered in PRESETS together with the new weights (then resolve_preset
-# needs a rule for the pair), not before, so that loading today's tiny files without --preset stays unambiguous.
+# 20-step true-CFG teacher (what `fluxion-tiny` v1 is). Same architecture, so shapes cannot tell them apart:
+# the metadata of a tiny-shaped file can (`guidance_mode`), and which of the two specs the name `fluxion-tiny`
+# stands for depends on the weights this build ships (v1: CFG; v2: distilled). That switch is read lazily from
+# the embedded weights in ONE place, `weights.models.shipped_tiny`, which `get_preset` asks; PRESETS keeps
+# v1's spec under "fluxion-tiny" (shapes and components are the same in both), and always has the base.
 FLUXION_TINY_BASE = dataclasses.replace(PRESETS["fluxion-tiny"], name="fluxion-tiny-base")
 FLUXION_TINY_DISTILLED = dataclasses.replace(
     PRESETS["fluxion-tiny"], guidance_mode="distilled", default_steps=4, default_guidance=1.0
 )
+PRESETS[FLUXION_TINY_BASE.name] = FLUXION_TINY_BASE
 
 
 def get_preset(name: str) -> ModelSpec:
+    """The preset called `name`; "fluxion-tiny" is the model this build ships (distilled from v2 on)."""
+    if name == "fluxion-tiny":
+        from fluxion.weights.models import shipped_tiny
+
+        return shipped_tiny()
     try:
         return PRESETS[name]
     except KeyError:

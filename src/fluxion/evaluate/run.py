@@ -46,7 +46,7 @@ EDIT_KEEP_ERODE = 2  # px eroded off every mask: anti-aliased edges and a pixel 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     out: str | None = "fluxion-eval.json"  # JSON report; None: print only
-    model: str | None = None  # None: the embedded fluxion-tiny (as `fluxion generate --model`)
+    model: str | None = None  # None: the embedded fluxion-tiny; fluxion-tiny-base: its CFG teacher (v2 on)
     preset: str | None = None
     vae: str | None = None
     text: str | None = None

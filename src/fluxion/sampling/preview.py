@@ -126,9 +126,10 @@ def preview_map_for(vae, folder=None) -> PreviewMap:
 def preview_map_for_models(models, model_path=None) -> PreviewMap:
     """The map for loaded `Models`: shipped with the embedded model (or next to the checkpoint at `model_path`),
     else fitted now on its VAE."""
-    from fluxion.weights.models import embedded_model_dir
+    from fluxion.weights.models import embedded_model_dir, is_embedded
 
-    folder = embedded_model_dir() if model_path in (None, "fluxion-tiny") else Path(str(model_path))
+    # The map belongs to the autoencoder: the embedded models share fluxion-tiny's (and its preview.json).
+    folder = embedded_model_dir() if is_embedded(model_path) else Path(str(model_path))
     if folder is not None and not Path(str(folder)).is_dir():
         folder = Path(str(folder)).parent  # a single-file checkpoint: look beside it
     with torch.no_grad():

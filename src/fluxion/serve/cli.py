@@ -52,7 +52,8 @@ def serve_parser() -> argparse.ArgumentParser:
         "--model",
         action="append",
         metavar="NAME=PATH",
-        help="a model to serve under NAME (repeat for several); default: the embedded fluxion-tiny",
+        help="a model to serve under NAME (repeat for several); default: the embedded fluxion-tiny "
+        "(fluxion-tiny-base: its CFG teacher, where this build ships it)",
     )
     p.add_argument("--preset", help="preset name for checkpoints whose preset cannot be read off the file")
     p.add_argument("--db", default=d.db, help="sqlite:///file.db (default) or postgresql://user:pass@host/db")
@@ -135,11 +136,16 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(a: argparse.Namespace) -> ServeConfig:
+    from fluxion.weights.models import EMBEDDED
+
     models = []
     for m in a.model or ["fluxion-tiny"]:
         name, sep, path = m.partition("=")
         if not sep:
-            name, path = (m, None) if m == "fluxion-tiny" else (m.rstrip("/").split("/")[-1], m)
+            if m in EMBEDDED:  # served under its own name (path None: the default, fluxion-tiny)
+                name, path = m, (None if m == "fluxion-tiny" else m)
+            else:
+                name, path = m.rstrip("/").split("/")[-1], m
         if not name:
             raise ValueError(f"--model {m!r}: give NAME=PATH")
         models.append((name, path or None))

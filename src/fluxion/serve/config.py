@@ -90,7 +90,7 @@ class Served:
 def served_models(cfg: ServeConfig) -> list[Served]:
     """Each configured model's spec, read without loading the weights (the API role never loads them)."""
     from fluxion.config import get_preset
-    from fluxion.weights.models import resolve_preset
+    from fluxion.weights.models import embedded_spec, is_embedded, resolve_preset
 
     out = []
     for name, path in cfg.models:
@@ -99,6 +99,8 @@ def served_models(cfg: ServeConfig) -> list[Served]:
             "fluxion-tiny",
         ):  # the embedded model (or, with preset, models handed to create_app)
             spec = get_preset(cfg.preset or "fluxion-tiny")
+        elif is_embedded(path):  # fluxion-tiny-base (refused where this build does not ship it)
+            spec = embedded_spec(path)
         else:
             spec = resolve_preset(path, cfg.preset)
         alias = BFL_ENDPOINTS.get(spec.name)

@@ -78,14 +78,13 @@ LIVE_PREVIEW = -1  # previews-table index of the latest per-step thumbnail (over
 def load_text_only(cfg: ServeConfig, served):
     """`--role text-encoder`: only the first served model's text encoder (no DiT, no VAE)."""
     from fluxion.text.encoder import load_text_encoder
+    from fluxion.weights.models import is_embedded
 
     s = served[0]
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(cfg.dtype or "")
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    return load_text_encoder(
-        s.path if s.path not in (None, "fluxion-tiny") else None, s.spec.text, device=device, dtype=dtype
-    )
+    return load_text_encoder(None if is_embedded(s.path) else s.path, s.spec.text, device=device, dtype=dtype)
 
 
 def lora_path(lora_dir: str | None, name: str) -> str:
@@ -116,7 +115,8 @@ def load_served(cfg: ServeConfig, served) -> dict[str, Models]:
     for s in served:
         if s.path is None and s.spec.name != "fluxion-tiny":
             raise ValueError(
-                f"--model {s.name}: give the checkpoint path (NAME=PATH); only fluxion-tiny is embedded"
+                f"--model {s.name}: give the checkpoint path (NAME=PATH); only fluxion-tiny (and its base, "
+                "where shipped) is embedded"
             )
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[cfg.dtype]

@@ -105,9 +105,12 @@ def _export(out: Path, model, ema, cfg, rank: int) -> Path | None:
         return write_lora(adapters, out / "lora.safetensors", format=cfg.lora_format, metadata=meta)
     path = out / "transformer.safetensors"
     tensors = {k: v for k, v in full.items() if ".lora." not in k}
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"fluxion_model": cfg.model}
-    )
+    meta = {"fluxion_model": cfg.model}
+    if cfg.objective == "distill":
+        # A guidance-distilled student: loading it picks the one-pass sampler by this key (weights/spec.py;
+        # fluxion-tiny's student vs its CFG base: weights/models.py). Metadata only: the tensors are unchanged.
+        meta["guidance_mode"] = "distilled"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
     return path
 
 

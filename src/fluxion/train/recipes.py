@@ -195,9 +195,11 @@ def load_recipe_file(path: str | Path) -> TrainConfig | list[TrainConfig]:
 
 def _tiny_v2(data: list[str], out: str, vae: str, text: str | None, init: str | None, budget_s: float,
              **stage) -> TrainConfig:  # fmt: skip
-    """What every v2 stage shares: the fluxion-tiny model with its character encoder, compiled blocks, a
-    wall-clock budget; `stage` is the rest."""
-    return TrainConfig(model="fluxion-tiny", data=tuple(data), out=out, vae=vae, text=text, init=init,
+    """What every v2 stage shares: the fluxion-tiny architecture with its character encoder, compiled blocks,
+    a wall-clock budget; `stage` is the rest. The stages before distillation make the CFG model that ships as
+    fluxion-tiny-base (so its preset: training samples use true CFG even where fluxion-tiny is distilled)."""
+    model = "fluxion-tiny" if stage.get("objective") == "distill" else "fluxion-tiny-base"
+    return TrainConfig(model=model, data=tuple(data), out=out, vae=vae, text=text, init=init,
                        char_encoder=True, compile=True, time_budget_s=budget_s, **stage)  # fmt: skip
 
 
@@ -277,7 +279,7 @@ def tiny_v2_distill(data: list[str], out: str, vae: str, teacher: str, budget_s:
         budget_s,
         objective="distill",
         teacher=teacher,
-        teacher_model=None,  # the fluxion-tiny preset is the CFG teacher's until the v2 weights ship
+        teacher_model="fluxion-tiny-base",  # the CFG teacher (fluxion-tiny is the distilled student from v2 on)
         teacher_steps=20,
         student_steps=4,
         steps=6000,

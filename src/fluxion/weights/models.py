@@ -10,6 +10,8 @@ run on the device, before any weight is read.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,12 +134,122 @@ class Models:
         )
 
 
-def embedded_model_dir(name: str = "fluxion-tiny"):
-    """Where the weights shipped inside the package live (None when this build has none)."""
+# --- the embedded models -----------------------------------------------------------------------------------------
+# fluxion ships fluxion-tiny inside the package (assets/fluxion-tiny/: transformer, charenc, vae). From v2 on it
+# ships two models, as BFL ships klein and klein base (config.FLUXION_TINY_DISTILLED / FLUXION_TINY_BASE):
+# `fluxion-tiny`, the 4-step guidance-distilled student, and `fluxion-tiny-base`, its 20-step CFG teacher, in
+# assets/fluxion-tiny-base/ (transformer + charenc only: it shares fluxion-tiny's autoencoder, trained once).
+#
+# A tiny-shaped file is told apart by its safetensors metadata `guidance_mode` ("distilled" / "cfg"), written by
+# runs/fluxion_tiny_v2.py `package()` and by the trainer's distillation exports. A file without it (v1, which
+# says only {"model": "fluxion-tiny", "dtype": "bfloat16"}; fine-tunes; other exports) was never distilled, so
+# it gets true CFG at 20 steps; an explicit --preset wins over all of this.
+#
+# The switch (`shipped_tiny`): the embedded fluxion-tiny transformer's own metadata, read once (lazily, header
+# only). Until the v2 weights ship it has no `guidance_mode`, and everything stays as in v1: `fluxion-tiny` is
+# CFG at 20 steps, files without metadata are `fluxion-tiny`, and `--model fluxion-tiny-base` is refused.
+# `$FLUXION_ASSETS` (a folder laid out as assets/: fluxion-tiny/ and optionally fluxion-tiny-base/) replaces
+# the package's assets for the embedded models: to try packaged weights before committing them, and for tests.
+EMBEDDED = ("fluxion-tiny", "fluxion-tiny-base")  # --model names of the weights inside the package
+ASSETS_ENV = "FLUXION_ASSETS"
+
+
+def assets_root():
+    """The folder holding the embedded models' folders: $FLUXION_ASSETS, else the package's assets/."""
+    root = os.environ.get(ASSETS_ENV)
+    if root:
+        return Path(root)
     from importlib.resources import files
 
-    folder = files("fluxion") / "assets" / name
+    return files("fluxion") / "assets"
+
+
+def embedded_model_dir(name: str = "fluxion-tiny"):
+    """Where the weights shipped inside the package live (None when this build has none)."""
+    folder = assets_root() / name
     return folder if (folder / "transformer.safetensors").is_file() else None
+
+
+def is_embedded(model) -> bool:
+    """Whether a --model value names weights shipped inside the package (None: the default, fluxion-tiny)."""
+    return model is None or str(model) in EMBEDDED
+
+
+def embedded_files(name: str = "fluxion-tiny") -> tuple[Path, Path]:
+    """(transformer, autoencoder) files of an embedded model, or FileNotFoundError saying what to do."""
+    folder = embedded_model_dir(name)
+    where = f" ({ASSETS_ENV}={os.environ[ASSETS_ENV]})" if os.environ.get(ASSETS_ENV) else ""
+    if folder is None and name == "fluxion-tiny":
+        raise FileNotFoundError(
+            "this fluxion build has no embedded model; pass --model with a FLUX.2 checkpoint "
+            f"(a diffusers folder, or a BFL .safetensors file with --vae and --text){where}"
+        )
+    if folder is None:
+        raise FileNotFoundError(
+            f"this fluxion build ships no {name} (no {name}/transformer.safetensors in its assets{where}): "
+            "use the embedded fluxion-tiny (drop --model), or pass --model with a checkpoint"
+        )
+    home = folder if name == "fluxion-tiny" else embedded_model_dir("fluxion-tiny")
+    if home is None:
+        raise FileNotFoundError(
+            f"{name} uses fluxion-tiny's autoencoder, and this build has no fluxion-tiny{where}"
+        )
+    return Path(str(folder / "transformer.safetensors")), Path(str(home / "vae.safetensors"))
+
+
+def file_guidance(path) -> str | None:
+    """The guidance mode a safetensors file's metadata declares (`guidance_mode`: "distilled" / "cfg" /
+    "embedded"), or None. Header only, cached per file version."""
+    p = Path(str(path))
+    st = p.stat()
+    return _guidance_in_header(str(p), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _guidance_in_header(path: str, mtime_ns: int, size: int) -> str | None:
+    from fluxion.weights.safetensors_io import read_header
+
+    mode = read_header(path)[1].get("guidance_mode")
+    if mode not in (None, "distilled", "cfg", "embedded"):
+        raise ValueError(
+            f"{path}: metadata guidance_mode {mode!r} is not distilled, cfg or embedded; fix the file's "
+            "metadata or pass --preset"
+        )
+    return mode
+
+
+def shipped_tiny() -> ModelSpec:
+    """THE SWITCH: the spec `fluxion-tiny` stands for in this build. The distilled student when the embedded
+    transformer says `guidance_mode: distilled` (v2 weights), else v1's (true CFG, 20 steps)."""
+    from fluxion.config import FLUXION_TINY_DISTILLED, PRESETS
+
+    folder = embedded_model_dir()
+    if folder is not None and file_guidance(folder / "transformer.safetensors") == "distilled":
+        return FLUXION_TINY_DISTILLED
+    return PRESETS["fluxion-tiny"]
+
+
+def tiny_spec(guidance: str | None) -> ModelSpec:
+    """The preset of a fluxion-tiny-shaped checkpoint whose metadata says `guidance` (None: nothing): distilled
+    -> fluxion-tiny's student; cfg -> fluxion-tiny-base; nothing -> CFG too (never distilled), named
+    fluxion-tiny-base, or fluxion-tiny in a v1 build (where that name is the CFG model)."""
+    from fluxion.config import FLUXION_TINY_BASE, FLUXION_TINY_DISTILLED
+
+    if guidance == "distilled":
+        return FLUXION_TINY_DISTILLED
+    if guidance == "cfg" or shipped_tiny().guidance_mode == "distilled":
+        return FLUXION_TINY_BASE
+    return shipped_tiny()
+
+
+def embedded_spec(name: str = "fluxion-tiny") -> ModelSpec:
+    """The spec of an embedded model (FileNotFoundError for fluxion-tiny-base in a build without it)."""
+    from fluxion.config import FLUXION_TINY_BASE
+
+    if name == "fluxion-tiny":
+        return shipped_tiny()
+    embedded_files(name)
+    return FLUXION_TINY_BASE
 
 
 def resolve_spec(
@@ -202,8 +314,9 @@ def load_models(
 ) -> Models:
     """Load transformer, VAE and text encoder, then turn on the requested fast paths.
 
-    model: None / "fluxion-tiny" (embedded), a diffusers model folder (transformer/, vae/, text_encoder/,
-    tokenizer/, model_index.json), or a BFL transformer file (then `vae` and `text` are needed).
+    model: None / "fluxion-tiny" / "fluxion-tiny-base" (embedded, see `shipped_tiny`), a diffusers model folder
+    (transformer/, vae/, text_encoder/, tokenizer/, model_index.json), or a BFL transformer file (then `vae` and
+    `text` are needed; a fluxion-tiny-shaped file needs no `text`: MiniLM).
     preset: a preset name pins the spec (else it is derived from the checkpoint). vae / text: override the
     folder's own. vae_decoder: a decoder-only file (e.g. BFL's small_decoder.safetensors) or a VAE folder whose
     decoder replaces the autoencoder's. accel: `AccelOptions` for the transformer (fp8 / int8 / int4, attention,
@@ -234,23 +347,14 @@ def load_models(
     if accel is not None and accel.cuda_graphs and mode != "none":
         raise ValueError("CUDA graphs need every weight resident on the GPU: drop --offload or --cuda-graphs")
 
-    if model is None or str(model) == "fluxion-tiny":
-        folder = embedded_model_dir()
-        if folder is None:
-            raise FileNotFoundError(
-                "this fluxion build has no embedded model; pass --model with a FLUX.2 checkpoint "
-                "(a diffusers folder, or a BFL .safetensors file with --vae and --text)"
-            )
-        if preset not in (None, "fluxion-tiny") or vae is not None:
+    if is_embedded(model):
+        name = "fluxion-tiny" if model is None else str(model)
+        tr_path, vae_path = embedded_files(name)
+        if preset not in (None, name) or vae is not None:
             raise ValueError(
                 "--preset / --vae do not apply to the embedded model; pass --model with a checkpoint"
             )
-        spec = resolve_spec(None, "fluxion-tiny", vae_decoder=vae_decoder)
-        tr_path, vae_path, text_path = (
-            Path(str(folder / "transformer.safetensors")),
-            Path(str(folder / "vae.safetensors")),
-            text,
-        )
+        spec, text_path = embedded_spec(name), text
     else:
         path = Path(model)
         if not path.exists():

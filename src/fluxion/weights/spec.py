@@ -4,7 +4,9 @@ Sources, in the order they are read (all small: JSON files and safetensors heade
 - a diffusers model folder: `transformer/config.json`, `vae/config.json`, `text_encoder/config.json`, and
   `model_index.json` (pipeline class and `is_distilled` -> guidance mode; `Flux2KleinKVPipeline` -> KV path);
 - a BFL single file: its tensor shapes (depths, width, heads from the QK-norm width, context width, guidance
-  embedder present or not), plus the VAE file / folder and the text-encoder folder given next to it.
+  embedder present or not), plus the VAE file / folder and the text-encoder folder given next to it; its
+  safetensors metadata `guidance_mode` when fluxion wrote one (v2 packaging, distillation exports). A
+  fluxion-tiny-shaped file gets fluxion-tiny or fluxion-tiny-base by that key (`weights.models.tiny_spec`).
 
 Presets stay what they are good for: names of the released models and their sampling defaults (steps, guidance,
 licence, reference limits). When the derived architecture and guidance mode equal a preset's, that preset's
@@ -18,7 +20,15 @@ import dataclasses
 import json
 from pathlib import Path
 
-from fluxion.config import PRESETS, GuidanceMode, ModelSpec, TextEncoderConfig, TransformerConfig, VAEConfig
+from fluxion.config import (
+    PRESETS,
+    TINY_TRANSFORMER,
+    GuidanceMode,
+    ModelSpec,
+    TextEncoderConfig,
+    TransformerConfig,
+    VAEConfig,
+)
 
 # Sampling defaults of a checkpoint that is no released model, by guidance mode (as the released ones use them).
 _DEFAULTS: dict[str, dict] = {
@@ -209,6 +219,28 @@ def derive_spec(
         decoder = infer_vae_config(shapes, num_groups=vae_cfg.num_groups)
         vae_cfg = dataclasses.replace(vae_cfg, decoder_widths=decoder.decoder_widths)
 
+    # guidance mode: model_index.json of a folder; a single file's own metadata (`guidance_mode`, which fluxion
+    # writes: v2 packaging, distillation exports); else the released model's (hint) or true CFG
+    index = _read_json(source / "model_index.json") if folder else None
+    mode, kv, known = guidance_from_index(index, transformer.use_guidance_embed)
+    if not known and folder is None and source.suffix == ".safetensors":
+        from fluxion.weights.models import file_guidance
+
+        own = file_guidance(source)
+        if own == "embedded":  # `known` already for a transformer with a guidance embedder
+            raise ValueError(
+                f"{source}: its metadata says guidance_mode 'embedded', but it has no guidance embedder; "
+                "pass --preset"
+            )
+        if own is not None:
+            mode, known = own, True
+    if hint is None and transformer == TINY_TRANSFORMER:  # fluxion-tiny or its base: same shapes
+        from fluxion.weights.models import tiny_spec
+
+        hint = tiny_spec(mode if known else None)
+    if hint is not None and not known:
+        mode, kv = hint.guidance_mode, hint.kv_cache
+
     # text encoder
     text_path = Path(text) if text else folder
     if text_path is None:
@@ -221,10 +253,6 @@ def derive_spec(
     else:
         text_cfg = text_config_from_folder(text_path, transformer.context_in_dim)
 
-    index = _read_json(source / "model_index.json") if folder else None
-    mode, kv, known = guidance_from_index(index, transformer.use_guidance_embed)
-    if hint is not None and not known:
-        mode, kv = hint.guidance_mode, hint.kv_cache
     name = (source.name if folder else source.stem) or "model"
     return spec_from_parts(name, transformer, vae_cfg, text_cfg, mode, kv, hint=hint)
 

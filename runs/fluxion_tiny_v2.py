@@ -17,8 +17,10 @@ the first run (2026-12-06, docs/tiny-run-v2/) went: call 1 carries `.tinydata/so
 call 2 carries MiniLM packed by `runs/minilm_carry.py` (fp16, 45 MB: it does not fit beside the sources) and
 runs the pre-training stages; call 3 carries the rapidocr wheels and runs pairs, dpo, distill; stage exports
 come back as `--carry` shards (8 files and 64 MiB per call: one stage's shards per call). Keep the 45 MB v1
-transformer out of the upload (move it aside) while MiniLM travels; `--init` it in an upload of its own to
-continue from v1 instead of pre-training from scratch.
+transformer out of the upload (move it aside) while MiniLM travels. To continue from v1 instead of pre-training
+from scratch (`--init`), the second run (2026-12-07) sent v1 with the sources in the data call, xz-compressed
+(`xz -9e`: 45 -> 31 MB, unpacked there with Python's lzma and checked by sha256), and ran pretrain128, finetune
+and distill in the next call.
 """
 
 from __future__ import annotations
@@ -181,6 +183,10 @@ def run_stage(stage: str, args, work: Path, report: dict) -> None:
     if cfg is not None:
         if export_of(work, stage).is_file():
             return
+        if args.no_char_encoder:  # e.g. distilling v1, whose teacher has no character encoder to learn from
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, char_encoder=False)
         if args.smoke:
             import dataclasses
 
@@ -215,6 +221,9 @@ def package(work: Path, assets: Path, teacher_stage: str = "dpo") -> None:
         dest = assets / name
         dest.mkdir(parents=True, exist_ok=True)
         for file in ("transformer.safetensors", "charenc.safetensors"):
+            if file.startswith("charenc") and not (work / stage / file).is_file():
+                (dest / file).unlink(missing_ok=True)  # a model without character encoder (e.g. v1's)
+                continue
             sd = load_file(str(work / stage / file))
             with safe_open(str(work / stage / file), "pt") as f:
                 heads = (f.metadata() or {}).get("heads", "4")  # the character encoder's (text/charenc.py)
@@ -259,6 +268,11 @@ def main() -> None:
         choices=("dpo", "finetune"),
         help="the stage the 4-step student distils (and that ships as fluxion-tiny-base); finetune skips "
         "pairs and DPO (the first run's DPO made colour worse)",
+    )
+    p.add_argument(
+        "--no-char-encoder",
+        action="store_true",
+        help="train without the character encoder (to distil a teacher that has none, such as v1)",
     )
     p.add_argument("--limit", type=int, default=0, help="dataset subset (smoke runs)")
     p.add_argument("--smoke", action="store_true", help="3 steps per training stage, batch 4 (CPU check)")

@@ -139,6 +139,21 @@ def test_package_writes_two_models_sharing_one_autoencoder(v2, work):
             assert all(torch.equal(packed[k], trained[k].to(torch.bfloat16)) for k in packed)
 
 
+def test_package_ships_models_without_a_character_encoder(tmp_path):
+    """A student distilled from v1 (`--no-char-encoder`: the teacher has none) packages without charenc files,
+    and a stale charenc.safetensors from an earlier packaging is removed, so it cannot be loaded beside it."""
+    work, assets = tmp_path / "work", tmp_path / "assets"
+    for stage, seed in (("distill", 4), ("finetune", 5)):
+        (work / stage).mkdir(parents=True)
+        save_file(tiny_weights(seed), str(work / stage / "transformer.safetensors"))
+    (assets / "fluxion-tiny-base").mkdir(parents=True)
+    save_file(char_weights(6), str(assets / "fluxion-tiny-base" / "charenc.safetensors"))
+    runner().package(work, assets, "finetune")
+    assert sorted(os.listdir(assets / "fluxion-tiny-base")) == ["transformer.safetensors"]
+    assert "charenc.safetensors" not in os.listdir(assets / "fluxion-tiny")
+    assert metadata(assets / "fluxion-tiny" / "transformer.safetensors")["guidance_mode"] == "distilled"
+
+
 def test_package_into_the_folder_it_reads_the_autoencoder_from(work, tmp_path, monkeypatch):
     """Packaging into the package's own assets (as the lead will) must not copy the VAE onto itself, and drops
     a VAE an older package() put into fluxion-tiny-base."""

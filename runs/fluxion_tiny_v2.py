@@ -26,6 +26,7 @@ and distill in the next call.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -184,12 +185,8 @@ def run_stage(stage: str, args, work: Path, report: dict) -> None:
         if export_of(work, stage).is_file():
             return
         if args.no_char_encoder:  # e.g. distilling v1, whose teacher has no character encoder to learn from
-            import dataclasses
-
             cfg = dataclasses.replace(cfg, char_encoder=False)
         if args.smoke:
-            import dataclasses
-
             cfg = dataclasses.replace(cfg, batch_size=4, steps=3, compile=False, time_budget_s=0, log_every=1)
         result = train(cfg)
         report[stage] = {k: v for k, v in result.items() if k != "losses"}
@@ -214,7 +211,7 @@ def package(work: Path, assets: Path, teacher_stage: str = "dpo") -> None:
     map, licence and README are copied from the package when `assets` is another folder (e.g. to try the weights
     with FLUXION_ASSETS before committing them). Each file is written beside its place and then renamed."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     shipped = Path(shipped_vae()).parent
     for name, stage in (("fluxion-tiny", "distill"), ("fluxion-tiny-base", teacher_stage)):
@@ -224,8 +221,8 @@ def package(work: Path, assets: Path, teacher_stage: str = "dpo") -> None:
             if file.startswith("charenc") and not (work / stage / file).is_file():
                 (dest / file).unlink(missing_ok=True)  # a model without character encoder (e.g. v1's)
                 continue
-            sd = load_file(str(work / stage / file))
-            with safe_open(str(work / stage / file), "pt") as f:
+            with safe_open(str(work / stage / file), "pt") as f:  # tensors and metadata in one read
+                sd = {k: f.get_tensor(k) for k in f.keys()}
                 heads = (f.metadata() or {}).get("heads", "4")  # the character encoder's (text/charenc.py)
             meta = {"model": name, "dtype": "bfloat16", "guidance_mode": GUIDANCE[name]} | (
                 {"heads": heads} if file.startswith("charenc") else {}

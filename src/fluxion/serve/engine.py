@@ -36,6 +36,7 @@ import traceback
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from PIL import Image
@@ -141,32 +142,23 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.step_seconds = Histogram(
-            "fluxion_step_seconds",
-            "time of one denoising step of a batch",
-            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
-            registry=self.registry,
+        seconds = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)  # histogram buckets, s
+        rows = (1, 2, 4, 8, 16, 32)  # histogram buckets, jobs
+        hist = partial(Histogram, registry=self.registry)
+        self.step_seconds = hist(
+            "fluxion_step_seconds", "time of one denoising step of a batch", buckets=seconds
         )
-        self.batch_size = Histogram(
-            "fluxion_batch_size", "jobs per claim", buckets=(1, 2, 4, 8, 16, 32), registry=self.registry
-        )
-        self.step_rows = Histogram(
-            "fluxion_step_rows",
-            "rows (jobs) in one denoising forward",
-            buckets=(1, 2, 4, 8, 16, 32),
-            registry=self.registry,
-        )
-        self.start_wait = Histogram(
+        self.batch_size = hist("fluxion_batch_size", "jobs per claim", buckets=rows)
+        self.step_rows = hist("fluxion_step_rows", "rows (jobs) in one denoising forward", buckets=rows)
+        self.start_wait = hist(
             "fluxion_start_wait_seconds",
             "from a job's claim to its first denoising step: its prompt encoding and the wait for a free row",
-            buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
-            registry=self.registry,
+            buckets=seconds[1:] + (30,),
         )
-        self.finish_seconds = Histogram(
+        self.finish_seconds = hist(
             "fluxion_finish_seconds",
             "a finished row's decode, moderation, image encode and store (off the denoise loop when overlapped)",
-            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
-            registry=self.registry,
+            buckets=seconds[:-1],
         )
         self.admitted = Counter(
             "fluxion_admitted",

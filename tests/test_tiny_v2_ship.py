@@ -292,6 +292,14 @@ def test_cli_v1_layout_samples_cfg_and_refuses_the_base(v1, tmp_path, capsys, mo
     assert len(lines) == 1 and "this fluxion build ships no fluxion-tiny-base" in lines[0], err
 
 
+def test_an_assets_folder_without_fluxion_tiny_names_the_variable(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FLUXION_ASSETS", str(tmp_path / "missing"))
+    code, batches, err = generate(capsys, tmp_path / "no.png")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and batches == [] and not (tmp_path / "no.png").exists()
+    assert len(lines) == 1 and f"FLUXION_ASSETS={tmp_path / 'missing'} has no fluxion-tiny" in lines[0], err
+
+
 def test_a_fresh_process_reads_the_switch_from_the_assets_it_is_given(v2, tmp_path):
     """Nothing is decided at import: the console command finds the student through $FLUXION_ASSETS."""
     env = {**os.environ, "FLUXION_ASSETS": str(v2), "PYTHONPATH": str(ROOT / "src")}

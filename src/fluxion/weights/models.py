@@ -179,6 +179,11 @@ def embedded_files(name: str = "fluxion-tiny") -> tuple[Path, Path]:
     """(transformer, autoencoder) files of an embedded model, or FileNotFoundError saying what to do."""
     folder = embedded_model_dir(name)
     where = f" ({ASSETS_ENV}={os.environ[ASSETS_ENV]})" if os.environ.get(ASSETS_ENV) else ""
+    if folder is None and name == "fluxion-tiny" and where:
+        raise FileNotFoundError(
+            f"{ASSETS_ENV}={os.environ[ASSETS_ENV]} has no fluxion-tiny/transformer.safetensors: point it at an "
+            "assets folder (fluxion-tiny/, optionally fluxion-tiny-base/) or unset it to use the package's own"
+        )
     if folder is None and name == "fluxion-tiny":
         raise FileNotFoundError(
             "this fluxion build has no embedded model; pass --model with a FLUX.2 checkpoint "

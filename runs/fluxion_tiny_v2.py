@@ -206,12 +206,15 @@ SHIPPED_FILES = (
 
 def package(work: Path, assets: Path, teacher_stage: str = "dpo") -> None:
     """assets/fluxion-tiny: the distilled student; assets/fluxion-tiny-base: its CFG teacher (`teacher_stage`).
-    Transformer and character encoder in bf16, with metadata {"model", "dtype", "guidance_mode"}. The base has
-    no autoencoder of its own (it uses fluxion-tiny's: 8 MB not twice in git); fluxion-tiny's autoencoder, preview
-    map, licence and README are copied from the package when `assets` is another folder (e.g. to try the weights
-    with FLUXION_ASSETS before committing them). Each file is written beside its place and then renamed."""
+    Transformer in int8 (weights/formats/int8_rows.py), character encoder in bf16, with metadata {"model",
+    "dtype", "guidance_mode"} (+ "quantization" on the int8 file). The base has no autoencoder of its own (it
+    uses fluxion-tiny's: 8 MB not twice in git); fluxion-tiny's autoencoder, preview map, licence and README are
+    copied from the package when `assets` is another folder (e.g. to try the weights with FLUXION_ASSETS before
+    committing them). Each file is written beside its place and then renamed."""
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from fluxion.weights.formats import int8_rows
 
     shipped = Path(shipped_vae()).parent
     for name, stage in (("fluxion-tiny", "distill"), ("fluxion-tiny-base", teacher_stage)):
@@ -227,8 +230,13 @@ def package(work: Path, assets: Path, teacher_stage: str = "dpo") -> None:
             meta = {"model": name, "dtype": "bfloat16", "guidance_mode": GUIDANCE[name]} | (
                 {"heads": heads} if file.startswith("charenc") else {}
             )
+            if file == "transformer.safetensors":  # int8 codes + row scales (from fp32): half of bf16's bytes
+                sd, meta = int8_rows.quantize(sd, lambda key, w: True), meta | int8_rows.METADATA
+            # the rest in bf16; the row scales stay fp32 (the layout's)
+            sd = {k: v if k.endswith("_scale") or not v.is_floating_point() else v.to(torch.bfloat16)
+                  for k, v in sd.items()}  # fmt: skip
             tmp = dest / f".{file}.part"
-            save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
             os.replace(tmp, dest / file)
         if name == "fluxion-tiny" and dest.resolve() != shipped.resolve():
             for file in SHIPPED_FILES:
@@ -236,6 +244,9 @@ def package(work: Path, assets: Path, teacher_stage: str = "dpo") -> None:
                     shutil.copy(shipped / file, dest / f".{file}.part")
                     os.replace(dest / f".{file}.part", dest / file)
     (assets / "fluxion-tiny-base" / "vae.safetensors").unlink(missing_ok=True)  # an older package()'s copy
+    # the base's weights carry the same licence and attribution (same data, same recipe)
+    shutil.copy(shipped / "LICENSE", assets / "fluxion-tiny-base" / ".LICENSE.part")
+    os.replace(assets / "fluxion-tiny-base" / ".LICENSE.part", assets / "fluxion-tiny-base" / "LICENSE")
 
 
 def main() -> None:

@@ -53,19 +53,26 @@ def test_shipped_map_matches_a_fresh_fit(tiny):
     assert preview_map_for(tiny.vae, embedded_model_dir()).weight.shape == (128, 3)
 
 
-def test_previews_converge_to_the_final_image(tiny):
-    pm = preview_map_for(tiny.vae, embedded_model_dir())
+@pytest.mark.parametrize("name, steps", [("fluxion-tiny-base", 8), ("fluxion-tiny", 4)])
+def test_previews_converge_to_the_final_image(tiny, name, steps):
+    # The CFG base starts from a blur and sharpens step by step; the distilled student's first estimate is
+    # already near its final image (it was trained to jump there), so it must only not drift away.
+    models = tiny if name == "fluxion-tiny" else load_models(name)
+    pm = preview_map_for(models.vae, embedded_model_dir())
     frames = []
 
     def preview(step, total, x0, h, w):
         frames.append(np.asarray(pm.image(x0, h, w, scale=1)))
 
     [result] = generate(
-        tiny, Request(prompt="a yellow star on a blue background", seed=3, steps=8), preview=preview
+        models, Request(prompt="a yellow star on a blue background", seed=3, steps=steps), preview=preview
     )
-    assert len(frames) == 8
-    final = torch.from_numpy(np.asarray(result.image)).permute(2, 0, 1)[None].float()
+    assert len(frames) == steps
+    final = torch.from_numpy(np.array(result.image)).permute(2, 0, 1)[None].float()
     target = F.avg_pool2d(final, 16)[0].permute(1, 2, 0).round().numpy()  # the final image at preview size
     scores = [psnr(f, target) for f in frames]
-    assert scores[-1] > 19, scores  # measured 21.3 dB (16x16-pixel block means of the decoded image)
-    assert scores[-1] > scores[0] + 3, scores
+    assert scores[-1] > 19, scores  # 16x16-pixel block means of the decoded image
+    if name == "fluxion-tiny-base":
+        assert scores[-1] > scores[0] + 3, scores
+    else:
+        assert scores[-1] >= max(scores) - 0.5, scores

@@ -1,4 +1,4 @@
-"""The worker's continuous batching on fluxion-tiny (CPU), in process with a real SQLite store: a job submitted
+"""The worker's continuous batching on fluxion-tiny-base (CPU; true CFG, the harder case for row batching), in process with a real SQLite store: a job submitted
 while another denoises joins its batch at a step boundary, each row at its own step, and both images equal the
 same jobs run alone through `pipeline.generate` (the library's solo path, an independent run); per-row cancel;
 the finished-row handoff (finisher threads) stores the same bytes as the inline path; the store's admission
@@ -23,22 +23,25 @@ from fluxion.serve.engine import Metrics, Worker  # noqa: E402
 from fluxion.serve.moderation import Blocklist  # noqa: E402
 
 SIZE, STEPS = 64, 8
-GUIDANCE = 4.0  # fluxion-tiny's default: true CFG, so the rows share the empty negative prompt
+MODEL = (
+    "fluxion-tiny-base"  # the embedded CFG model (fluxion-tiny is its distilled student: one pass per step)
+)
+GUIDANCE = 4.0  # the base's default: true CFG, so the rows share the empty negative prompt
 
 
 @pytest.fixture(scope="module")
 def models():
     from fluxion.weights.models import load_models
 
-    return load_models()
+    return load_models(MODEL)
 
 
 def job_spec(prompt: str, seed: int, steps: int = STEPS, fmt: str = "png") -> dict:
-    """A queued job as the API stores it (app.Service.job_spec) for fluxion-tiny at SIZE² and `steps`."""
+    """A queued job as the API stores it (app.Service.job_spec) for MODEL at SIZE² and `steps`."""
     return {
         "api": "bfl",
-        "model": "fluxion-tiny",
-        "batch_key": f"fluxion-tiny|{SIZE}x{SIZE}|{steps}|{GUIDANCE:g}",
+        "model": MODEL,
+        "batch_key": f"{MODEL}|{SIZE}x{SIZE}|{steps}|{GUIDANCE:g}",
         "params": {
             "prompt": prompt,
             "seed": seed,
@@ -65,7 +68,7 @@ class Running:
         self.worker = Worker(
             self.cfg,
             self.store,
-            {"fluxion-tiny": models},
+            {MODEL: models},
             Blocklist(),
             self.metrics,
             on_change=lambda job_ids=None: self.hook(),
@@ -281,7 +284,7 @@ def test_freed_rows_are_refilled_at_once_with_a_slow_text_encoder(tmp_path, mode
     prepare = run.worker._prepare
 
     def slow_prepare(sh, jobs):
-        time.sleep(0.4)  # several steps of fluxion-tiny at 64² on a CPU
+        time.sleep(0.4)  # several steps of the tiny model at 64² on a CPU
         return prepare(sh, jobs)
 
     run.worker._prepare = slow_prepare
@@ -306,16 +309,16 @@ def test_an_idle_worker_claims_a_job_queued_in_process_at_once(tmp_path, models)
 
     from fluxion.serve.app import create_app
 
-    cfg = ServeConfig(db=f"sqlite:///{tmp_path}/jobs.db", watermark=False, poll_s=30.0, auth="off")
-    with TestClient(create_app(cfg, models={"fluxion-tiny": models})) as client:
+    cfg = ServeConfig(
+        db=f"sqlite:///{tmp_path}/jobs.db", watermark=False, poll_s=30.0, auth="off", models=((MODEL, None),)
+    )
+    with TestClient(create_app(cfg, models={MODEL: models})) as client:
         deadline = time.time() + 60
         while not client.get("/readyz").status_code == 200 and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)  # the worker is now idle in its 30 s wait
         t0 = time.time()
-        r = client.post(
-            "/v1/fluxion-tiny", json={"prompt": "a red heart", "width": 64, "height": 64, "steps": 2}
-        )
+        r = client.post(f"/v1/{MODEL}", json={"prompt": "a red heart", "width": 64, "height": 64, "steps": 2})
         assert r.status_code == 200, r.text
         job_id = r.json()["id"]
         while time.time() < t0 + 20:

@@ -116,7 +116,8 @@ def metadata(path) -> dict:
 # --- packaging ----------------------------------------------------------------------------------------------------
 def test_package_writes_two_models_sharing_one_autoencoder(v2, work):
     student, base = v2 / "fluxion-tiny", v2 / "fluxion-tiny-base"
-    assert sorted(os.listdir(base)) == ["charenc.safetensors", "transformer.safetensors"]  # no VAE copy
+    assert sorted(os.listdir(base)) == ["LICENSE", "charenc.safetensors", "transformer.safetensors"]  # no VAE
+    assert (base / "LICENSE").read_bytes() == (SHIPPED / "LICENSE").read_bytes()
     assert sorted(os.listdir(student)) == sorted(
         [
             "transformer.safetensors",
@@ -130,13 +131,26 @@ def test_package_writes_two_models_sharing_one_autoencoder(v2, work):
     assert (student / "vae.safetensors").read_bytes() == (SHIPPED / "vae.safetensors").read_bytes()
     for folder, name, guidance, stage in ((student, "fluxion-tiny", "distilled", "distill"), (base, "fluxion-tiny-base", "cfg", "dpo")):  # fmt: skip
         expected = {"model": name, "dtype": "bfloat16", "guidance_mode": guidance}
-        assert metadata(folder / "transformer.safetensors") == expected
+        assert metadata(folder / "transformer.safetensors") == {**expected, "quantization": "int8_rows"}
         assert metadata(folder / "charenc.safetensors") == {**expected, "heads": "4"}
-        for file in ("transformer.safetensors", "charenc.safetensors"):
-            packed, trained = load_file(str(folder / file)), load_file(str(work / stage / file))
-            assert packed.keys() == trained.keys()
-            assert all(packed[k].dtype == torch.bfloat16 for k in packed)
-            assert all(torch.equal(packed[k], trained[k].to(torch.bfloat16)) for k in packed)
+        # the character encoder in bf16
+        packed, trained = load_file(str(folder / "charenc.safetensors")), load_file(str(work / stage / "charenc.safetensors"))  # fmt: skip
+        assert packed.keys() == trained.keys()
+        assert all(packed[k].dtype == torch.bfloat16 for k in packed)
+        assert all(torch.equal(packed[k], trained[k].to(torch.bfloat16)) for k in packed)
+        # the transformer: 2-D weights as int8 codes + one fp32 scale per row (from the fp32 weights), the rest bf16
+        packed, trained = load_file(str(folder / "transformer.safetensors")), load_file(str(work / stage / "transformer.safetensors"))  # fmt: skip
+        matrices = {k for k, v in trained.items() if v.ndim == 2}
+        assert matrices and packed.keys() == trained.keys() | {k + "_scale" for k in matrices}
+        for k, w in trained.items():
+            if k in matrices:
+                scale = packed[k + "_scale"].double()
+                assert packed[k].dtype == torch.int8 and torch.allclose(scale, w.double().abs().amax(1) / 127)
+                assert torch.all(
+                    (packed[k].double() * scale[:, None] - w.double()).abs() <= scale[:, None] * 0.501
+                )
+            else:
+                assert packed[k].dtype == torch.bfloat16 and torch.equal(packed[k], w.to(torch.bfloat16))
 
 
 def test_package_ships_models_without_a_character_encoder(tmp_path):
@@ -149,7 +163,7 @@ def test_package_ships_models_without_a_character_encoder(tmp_path):
     (assets / "fluxion-tiny-base").mkdir(parents=True)
     save_file(char_weights(6), str(assets / "fluxion-tiny-base" / "charenc.safetensors"))
     runner().package(work, assets, "finetune")
-    assert sorted(os.listdir(assets / "fluxion-tiny-base")) == ["transformer.safetensors"]
+    assert sorted(os.listdir(assets / "fluxion-tiny-base")) == ["LICENSE", "transformer.safetensors"]
     assert "charenc.safetensors" not in os.listdir(assets / "fluxion-tiny")
     assert metadata(assets / "fluxion-tiny" / "transformer.safetensors")["guidance_mode"] == "distilled"
 
@@ -165,6 +179,7 @@ def test_package_into_the_folder_it_reads_the_autoencoder_from(work, tmp_path, m
     monkeypatch.setattr(run, "shipped_vae", lambda: str(assets / "fluxion-tiny" / "vae.safetensors"))
     run.package(work, assets, "dpo")
     assert sorted(os.listdir(assets / "fluxion-tiny-base")) == [
+        "LICENSE",
         "charenc.safetensors",
         "transformer.safetensors",
     ]
@@ -229,8 +244,12 @@ def test_base_loads_its_own_weights_and_fluxion_tinys_autoencoder(v2, monkeypatc
     base = load_file(str(v2 / "fluxion-tiny-base" / "transformer.safetensors"))
     student = load_file(str(v2 / "fluxion-tiny" / "transformer.safetensors"))
     own = models.transformer.state_dict()
-    assert torch.equal(own["img_in.weight"], base["img_in.weight"].float())
-    assert not torch.equal(own["img_in.weight"], student["img_in.weight"].float())
+
+    def weight(sd, key):  # what an int8_rows file means: codes times row scales
+        return sd[key].float() * sd[key + "_scale"][:, None]
+
+    assert torch.allclose(own["img_in.weight"], weight(base, "img_in.weight"), rtol=1e-6, atol=0)
+    assert not torch.allclose(own["img_in.weight"], weight(student, "img_in.weight"), atol=1e-3)
     chars = load_file(str(v2 / "fluxion-tiny-base" / "charenc.safetensors"))
     assert torch.equal(models.transformer.char_encoder.proj.weight, chars["proj.weight"].float())
     vae = load_file(str(v2 / "fluxion-tiny" / "vae.safetensors"))  # the one autoencoder file

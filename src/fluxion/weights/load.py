@@ -70,7 +70,7 @@ def _read_file(
     """One checkpoint file -> (the component's tensors, packed weights, layout name). Dispatches on the
     container (safetensors / GGUF), then on the layout inside (bundle prefixes, ComfyUI quantization)."""
     from fluxion.weights import formats
-    from fluxion.weights.formats import bundle, comfy_quant
+    from fluxion.weights.formats import bundle, comfy_quant, int8_rows
 
     kind = formats.sniff(path)
     quant: QuantInfo = {}
@@ -87,7 +87,10 @@ def _read_file(
         sd, prefix = bundle.select(_on_meta(raw) if meta else raw, component, str(path))
         layout = "comfy-bundle" if prefix.startswith(("vae.", "model.")) else "bfl"
         fp8 = any(v.dtype in comfy_quant.FP8_DTYPES for v in sd.values())
-        if fp8 or comfy_quant.is_comfy_quantized(sd, metadata):
+        if int8_rows.is_int8_rows(metadata):  # fluxion's own int8 storage (the embedded models)
+            sd = int8_rows.read(sd, dtype, str(path))
+            layout = "int8-rows"
+        elif fp8 or comfy_quant.is_comfy_quantized(sd, metadata):
             sd, quant = comfy_quant.unpack(
                 sd,
                 metadata,

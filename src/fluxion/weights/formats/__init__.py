@@ -7,6 +7,7 @@
 | `gguf_io`       | GGUF files in city96's layout (BFL names; F32/F16/BF16, Q8_0, K-quants, ...)          |
 | `bnb_nf4`       | bitsandbytes 4-bit (nf4 / fp4) tensors as diffusers / transformers serialise them     |
 | `bundle`        | ComfyUI all-in-one checkpoints (`model.diffusion_model.` + `vae.` + `text_encoders.`) |
+| `int8_rows`     | fluxion's int8 storage: int8 codes + one fp32 scale per row (the embedded models)     |
 
 Everything is dequantized exactly on read (each tensor in fp32, then cast once to the requested dtype), except
 weights the caller may keep packed: fp8 e4m3 with its scale (fluxion's fp8 fast path, quant/fp8.py) and GGUF Q8_0

@@ -231,7 +231,7 @@ def package(work: Path, assets: Path, teacher_stage: str = "dpo") -> None:
                 {"heads": heads} if file.startswith("charenc") else {}
             )
             if file == "transformer.safetensors":  # int8 codes + row scales (from fp32): half of bf16's bytes
-                sd, meta = int8_rows.quantize(sd, lambda key, w: True), meta | int8_rows.METADATA
+                sd, meta = int8_rows.quantize(sd), meta | int8_rows.METADATA
             # the rest in bf16; the row scales stay fp32 (the layout's)
             sd = {k: v if k.endswith("_scale") or not v.is_floating_point() else v.to(torch.bfloat16)
                   for k, v in sd.items()}  # fmt: skip

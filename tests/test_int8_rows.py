@@ -61,7 +61,7 @@ def test_loads_the_weights_the_file_means(tmp_path, small_sd):
         else:
             assert torch.equal(loaded[k], q[k].float())
     # dtype None keeps the file's: its unquantized tensors are bf16, so the weights come back in bf16
-    sd, layout = read_component(path, "transformer")
+    _, layout = read_component(path, "transformer")
     assert layout == "int8-rows"
     assert {v.dtype for v in load_transformer(path, SMALL).state_dict().values()} == {torch.bfloat16}
     # and the model computes what the bf16 weights compute, within int8's error

@@ -25,6 +25,15 @@ from torch.nn import functional as F
 FilterFn = Callable[[str, nn.Linear], bool]
 
 
+@torch.no_grad()
+def int8_per_row(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric round-to-nearest int8 with one scale per output row: (codes int8 [N, K], scale fp32 [N]), the
+    row's absolute maximum mapped to 127 (an all-zero row gets a tiny scale and zero codes)."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8WeightOnlyLinear(nn.Module):
     """Buffers: `weight` [out, in] int8, `weight_scale` [out] fp32 (one scale per output channel), or, with
     `group_size` G, [out, in / G] fp32: one scale per G consecutive inputs of a row. The grouped form holds
@@ -52,11 +61,8 @@ class Int8WeightOnlyLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_float(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
-        w = linear.weight.float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        out.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        out.weight_scale = scale
+        out.weight, out.weight_scale = int8_per_row(linear.weight)
         if linear.bias is not None:
             out.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return out

@@ -3,12 +3,14 @@
     header metadata  "quantization": "int8_rows"
     L.weight         int8 [N, K]   codes in [-127, 127]
     L.weight_scale   fp32 [N]      one scale per output row:   W = weight * weight_scale[:, None]
-    anything else    as stored (norm scales, embedders left unquantized)
+    anything else    as stored (1-D norm scales; 2-D weights the writer chose to keep)
 
-Symmetric round-to-nearest with the row's absolute maximum mapped to 127. Measured on fluxion-tiny v2 (8
-prompts, 4 steps, same seeds): images differ from the bf16 weights' by 50 dB PSNR on average (ComfyUI-style fp8
-with one scale per tensor: 38 dB), so the file is a storage format only: `read` dequantizes every weight on load
-(fp32, then one rounding to the requested dtype) and the model runs as if loaded from bf16.
+Symmetric round-to-nearest with the row's absolute maximum mapped to 127 (quant/weight_only.py's recipe).
+Images from fluxion-tiny v2 stored this way differ from the unquantized weights' by 53.2 dB PSNR (student) and
+53.4 dB (base), mean over 24 prompts, same seeds; ComfyUI-style fp8 with one scale per tensor: 43.3 / 42.8 dB
+(`benchmarks/bench_quant_quality.py --model <export>`; docs/tiny-run-v2b/bench_quant_quality_*.json). So the
+file is a storage format only: `read` dequantizes every weight on load (fp32, then one rounding to the
+requested dtype) and the model runs as if loaded from the unquantized weights.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from fluxion.quant.weight_only import int8_per_row
 from fluxion.weights.safetensors_io import CheckpointError
 
 TAG = "int8_rows"
@@ -28,16 +31,16 @@ def is_int8_rows(metadata: dict[str, str]) -> bool:
     return metadata.get("quantization") == TAG
 
 
-def quantize(sd: dict[str, Tensor], which: Callable[[str, Tensor], bool]) -> dict[str, Tensor]:
-    """`sd` with every 2-D weight that `which(key, tensor)` selects replaced by int8 codes + row scales."""
+def quantize(
+    sd: dict[str, Tensor], which: Callable[[str, Tensor], bool] = lambda key, w: True
+) -> dict[str, Tensor]:
+    """`sd` with every 2-D weight that `which(key, tensor)` selects (default: all) replaced by int8 codes + row
+    scales."""
     out: dict[str, Tensor] = {}
     for key, w in sd.items():
         if key.endswith(".weight") and w.ndim == 2 and which(key, w):
-            w32 = w.float()
-            scale = w32.abs().amax(dim=1) / 127.0  # [N]; an all-zero row keeps scale 0 and codes 0
-            codes = torch.round(w32 / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None])
-            out[key] = codes.clamp(-127, 127).to(torch.int8)
-            out[key.removesuffix("weight") + "weight_scale"] = scale
+            # the per-channel recipe of fluxion's int8 weight-only layers (quant/weight_only.py)
+            out[key], out[key + "_scale"] = int8_per_row(w)
         else:
             out[key] = w
     return out
@@ -48,10 +51,8 @@ def read(sd: dict[str, Tensor], dtype: torch.dtype | None, source: str) -> dict[
     out: dict[str, Tensor] = {}
     scales = {k.removesuffix("_scale"): v for k, v in sd.items() if k.endswith(".weight_scale")}
     # dtype None keeps the file's: that of its unquantized float tensors (bf16 for the shipped models)
-    stored = [
-        v.dtype for k, v in sd.items() if v.is_floating_point() and k not in scales and "_scale" not in k
-    ]
-    dtype = dtype or (stored[0] if stored else torch.float32)
+    stored = (v.dtype for k, v in sd.items() if v.is_floating_point() and not k.endswith("_scale"))
+    dtype = dtype or next(stored, torch.float32)
     for key, value in sd.items():
         if key.endswith(".weight_scale"):
             if key.removesuffix("_scale") not in sd:

@@ -60,10 +60,11 @@ def test_loads_the_weights_the_file_means(tmp_path, small_sd):
             np.testing.assert_allclose(loaded[k].numpy(), meant(q[k], q[k + "_scale"]), rtol=1e-6, atol=0)
         else:
             assert torch.equal(loaded[k], q[k].float())
-    # dtype None keeps the file's: its unquantized tensors are bf16, so the weights come back in bf16
-    _, layout = read_component(path, "transformer")
+    # dtype None (read_component, convert): the weights the codes mean in fp32, the rest as stored (bf16)
+    sd, layout = read_component(path, "transformer")
     assert layout == "int8-rows"
-    assert {v.dtype for v in load_transformer(path, SMALL).state_dict().values()} == {torch.bfloat16}
+    for k, v in sd.items():
+        assert v.dtype == (torch.float32 if q[k].dtype == torch.int8 else torch.bfloat16), k
     # and the model computes what the bf16 weights compute, within int8's error
     ref = Flux2(SMALL).eval()
     ref.load_state_dict({k: v.float() for k, v in small_sd.items()})
@@ -98,3 +99,46 @@ def test_without_the_metadata_the_codes_are_not_loaded_as_weights(tmp_path, smal
     q = int8_rows.quantize(small_sd, lambda k, w: True)
     with pytest.raises((CheckpointError, RuntimeError, ValueError)):
         load_transformer(write(tmp_path, q, metadata={}), SMALL, dtype=torch.float32)
+
+
+def test_convert_keeps_the_guidance_mode_of_the_shipped_int8_model(tmp_path):
+    """The embedded distilled fluxion-tiny, converted to a BFL file directly and through a diffusers folder:
+    the weights come out as the int8 file means, diffusers loads the folder, and the result is still the
+    distilled model (the metadata key is all that tells it from its CFG base)."""
+    from diffusers import Flux2Transformer2DModel
+    from safetensors.torch import load_file
+
+    from fluxion.weights.load import convert
+    from fluxion.weights.models import embedded_model_dir, file_guidance, load_models
+
+    shipped = embedded_model_dir() / "transformer.safetensors"
+    assert file_guidance(shipped) == "distilled"
+    direct = convert(shipped, tmp_path / "a" / "direct.safetensors", to="bfl")
+    folder = convert(shipped, tmp_path / "transformer", to="diffusers")
+    back = convert(folder, tmp_path / "b" / "back.safetensors", to="bfl")
+    chars = (embedded_model_dir() / "charenc.safetensors").read_bytes()  # the letters travel with the weights
+    for where in (direct.parent, folder, back.parent):
+        assert (where / "charenc.safetensors").read_bytes() == chars
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "charenc.safetensors").write_bytes(b"another")
+    with pytest.raises(FileExistsError, match="another folder"):
+        convert(shipped, tmp_path / "c" / "x.safetensors", to="bfl")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["charenc.safetensors"]  # nothing written
+    q = load_file(str(shipped))
+    from fluxion.request import Request
+    from fluxion.sampling.pipeline import generate
+
+    def image(models):
+        return np.asarray(generate(models, Request(prompt="a red heart", seed=1))[0].image, dtype=np.float64)
+
+    want = image(load_models())
+    for path in (direct, back):
+        assert file_guidance(path) == "distilled"
+        sd = load_file(str(path))
+        key = "double_blocks.0.img_attn.qkv.weight"
+        np.testing.assert_allclose(sd[key].numpy(), meant(q[key], q[key + "_scale"]), rtol=1e-6, atol=0)
+        models = load_models(path, vae=embedded_model_dir() / "vae.safetensors")  # no --preset
+        assert models.spec.guidance_mode == "distilled"
+        assert models.spec.vae.num_groups == 16  # not in the shapes: fluxion-tiny's, from the tiny hint
+        assert np.abs(image(models) - want).max() <= 1  # the embedded model's image
+    Flux2Transformer2DModel.from_pretrained(folder)  # the extra config key does not bother diffusers

@@ -466,18 +466,29 @@ def convert(src: str | Path, dst: str | Path, to: str) -> Path:
 
     to="bfl": write one BFL-named safetensors file at `dst`. to="diffusers": write a component folder at `dst`
     (config.json + diffusion_pytorch_model[-0000k-of-0000n].safetensors). A quantized source (ComfyUI fp8 /
-    NVFP4, GGUF, bitsandbytes 4-bit) is written as the fp32 weights it means."""
+    NVFP4, GGUF, bitsandbytes 4-bit, fluxion's int8_rows) is written as the fp32 weights it means. A transformer's
+    `guidance_mode` (safetensors metadata, or `_fluxion_guidance_mode` in a converted folder's config.json) is
+    carried over: it is what tells a distilled fluxion-tiny from its CFG base."""
     from fluxion.weights.safetensors_io import save_safetensors, save_sharded
 
     if to not in ("bfl", "diffusers"):
         raise ValueError(f"--to must be 'bfl' or 'diffusers', not {to!r}")
     component = "vae" if _component_of(src) == "vae" else "transformer"
     sd, _ = read_component(src, component)
+    # the guidance mode fluxion recorded (a distilled fluxion-tiny is told from its CFG base only by this key)
+    guidance = _guidance_of(Path(src)) if component == "transformer" else None
     dst = Path(dst)
+    # checked before anything is written: a refused conversion leaves nothing behind
+    chars = (
+        _char_encoder_to_copy(Path(src), dst.parent if to == "bfl" else dst)
+        if component == "transformer"
+        else None
+    )
     if to == "bfl":
         if dst.suffix != ".safetensors":
             raise ValueError(f"a BFL checkpoint is one .safetensors file; got {dst}")
-        save_safetensors(sd, dst)
+        save_safetensors(sd, dst, metadata={"guidance_mode": guidance} if guidance else None)
+        _copy(chars)
         return dst
     if dst.suffix:
         raise ValueError(f"a diffusers component is a folder; got {dst} (drop the suffix)")
@@ -491,9 +502,57 @@ def convert(src: str | Path, dst: str | Path, to: str) -> Path:
             infer_transformer_config({k: tuple(v.shape) for k, v in sd.items()})
         )
         out = mapping.bfl_to_diffusers(sd)
+        if guidance:  # diffusers skips config keys that start with "_"
+            config[GUIDANCE_CONFIG_KEY] = guidance
     save_sharded(out, dst, DIFFUSERS_STEM)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
+    _copy(chars)
     return dst
+
+
+def _char_encoder_to_copy(src: Path, dest_dir: Path) -> tuple[Path, Path] | None:
+    """A transformer trained with a character encoder (fluxion-tiny v2) needs its charenc.safetensors beside it
+    (text/charenc.py: loaded from there, absent = no letters), so it travels with the converted weights:
+    (source, target), or None when there is none or the same file is there already. A different one at the
+    destination is not overwritten."""
+    from fluxion.text.charenc import FILENAME, charenc_beside
+
+    chars, target = charenc_beside(src), dest_dir / FILENAME
+    if chars is None or (target.exists() and target.read_bytes() == chars.read_bytes()):
+        return None
+    if target.exists():
+        raise FileExistsError(
+            f"{target} exists and is not {chars}, the character encoder the converted weights need: "
+            "convert into another folder"
+        )
+    return chars, target
+
+
+def _copy(pair: tuple[Path, Path] | None) -> None:
+    """Copy beside the target, then rename: never a half-written file under the real name."""
+    import shutil
+
+    if pair is not None:
+        source, target = pair
+        part = target.with_name(f".{target.name}.part")
+        shutil.copyfile(source, part)
+        part.replace(target)
+
+
+GUIDANCE_CONFIG_KEY = "_fluxion_guidance_mode"  # a diffusers component's config.json: what `convert` carries
+
+
+def _guidance_of(src: Path) -> str | None:
+    """`guidance_mode` of a transformer checkpoint: a safetensors file's metadata, or (a diffusers component
+    folder written by `convert`) its config.json."""
+    from fluxion.weights.models import file_guidance
+
+    if src.is_file():
+        return file_guidance(src) if src.suffix == ".safetensors" else None
+    for config in (src / "config.json", src / "transformer" / "config.json"):
+        if config.is_file():
+            return json.loads(config.read_text()).get(GUIDANCE_CONFIG_KEY)
+    return None
 
 
 def _component_of(path: str | Path) -> str:

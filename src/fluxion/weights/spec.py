@@ -240,6 +240,14 @@ def derive_spec(
         hint = tiny_spec(mode if known else None)
     if hint is not None and not known:
         mode, kv = hint.guidance_mode, hint.kv_cache
+    # GroupNorm's group count is not in the tensor shapes (infer_vae_config assumes FLUX.2's 32): an autoencoder
+    # file shaped like the hinted model's is that model's (fluxion-tiny's has 16 groups)
+    if (
+        vae_json is None
+        and hint is not None
+        and dataclasses.replace(vae_cfg, num_groups=hint.vae.num_groups) == hint.vae
+    ):
+        vae_cfg = hint.vae
 
     # text encoder
     text_path = Path(text) if text else folder

@@ -47,12 +47,10 @@ def quantize(
 
 
 def read(sd: dict[str, Tensor], dtype: torch.dtype | None, source: str) -> dict[str, Tensor]:
-    """The weights the file means (int8 codes times row scales, in fp32, then `dtype`); checks the pairs."""
+    """The weights the file means (int8 codes times row scales, in fp32, then `dtype`; the other tensors as
+    stored when `dtype` is None); checks the pairs."""
     out: dict[str, Tensor] = {}
     scales = {k.removesuffix("_scale"): v for k, v in sd.items() if k.endswith(".weight_scale")}
-    # dtype None keeps the file's: that of its unquantized float tensors (bf16 for the shipped models)
-    stored = (v.dtype for k, v in sd.items() if v.is_floating_point() and not k.endswith("_scale"))
-    dtype = dtype or next(stored, torch.float32)
     for key, value in sd.items():
         if key.endswith(".weight_scale"):
             if key.removesuffix("_scale") not in sd:
@@ -66,8 +64,10 @@ def read(sd: dict[str, Tensor], dtype: torch.dtype | None, source: str) -> dict[
                     f"[{value.shape[0] if value.ndim else '?'}] (int8_rows layout), found "
                     f"{None if scale is None else tuple(scale.shape)}"
                 )
-            value = value.float() * scale.float()[:, None]
-        elif key in scales:
+            # dtype None: fp32, the exact weights the file means (as the other quantized formats return them)
+            out[key] = (value.float() * scale.float()[:, None]).to(dtype or torch.float32)
+            continue
+        if key in scales:
             raise CheckpointError(f"{source}: {key} has a scale but is {value.dtype}, not int8 codes")
-        out[key] = value.to(dtype) if value.is_floating_point() else value
+        out[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
     return out
